@@ -1,0 +1,56 @@
+"""hf-dare: difficulty-aware sparse MoE vision-language models (MoE-LLaVA with DARE / LTDR / Top-K routing)
+for Hugging Face transformers.
+
+Importing `hf_dare` registers the models with transformers' Auto classes; saved checkpoints carry their
+own code and load with `trust_remote_code=True` where hf_dare is not installed.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+
+from .modeling import (
+    DareRouter,
+    DifficultyPredictor,
+    LtdrRouter,
+    MoEBlock,
+    MoECausalLMConfig,
+    MoEExperts,
+    MoEForCausalLM,
+    MoELlavaConfig,
+    MoELlavaForConditionalGeneration,
+    MoELlavaModel,
+    MoEOutputWithPast,
+    Routing,
+    ThresholdTracker,
+    TopKRouter,
+)
+
+__version__ = "0.1.0"
+
+AutoConfig.register(MoECausalLMConfig.model_type, MoECausalLMConfig, exist_ok=True)
+AutoModelForCausalLM.register(MoECausalLMConfig, MoEForCausalLM, exist_ok=True)
+AutoConfig.register(MoELlavaConfig.model_type, MoELlavaConfig, exist_ok=True)
+AutoModel.register(MoELlavaConfig, MoELlavaModel, exist_ok=True)
+AutoModelForImageTextToText.register(MoELlavaConfig, MoELlavaForConditionalGeneration, exist_ok=True)
+
+# `save_pretrained` then writes the modeling code and an `auto_map` beside the weights.
+MoECausalLMConfig.register_for_auto_class()
+MoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+MoELlavaConfig.register_for_auto_class()
+MoELlavaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+__all__ = [
+    "DareRouter",
+    "DifficultyPredictor",
+    "LtdrRouter",
+    "MoEBlock",
+    "MoECausalLMConfig",
+    "MoEExperts",
+    "MoEForCausalLM",
+    "MoELlavaConfig",
+    "MoELlavaForConditionalGeneration",
+    "MoELlavaModel",
+    "MoEOutputWithPast",
+    "Routing",
+    "ThresholdTracker",
+    "TopKRouter",
+]

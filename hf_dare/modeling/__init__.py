@@ -1,0 +1,32 @@
+"""The model code that ships inside every checkpoint (`trust_remote_code`): torch and transformers only."""
+
+from .configuration_moe_llava import MoECausalLMConfig, MoEConfigBase, MoELlavaConfig
+from .modeling_moe_llava import (
+    MoEBlock,
+    MoEExperts,
+    MoEForCausalLM,
+    MoELlavaForConditionalGeneration,
+    MoELlavaModel,
+    MoEOutputWithPast,
+    MoEPreTrainedModel,
+)
+from .routing import DareRouter, DifficultyPredictor, LtdrRouter, Routing, ThresholdTracker, TopKRouter
+
+__all__ = [
+    "DareRouter",
+    "DifficultyPredictor",
+    "LtdrRouter",
+    "MoEBlock",
+    "MoECausalLMConfig",
+    "MoEConfigBase",
+    "MoEExperts",
+    "MoEForCausalLM",
+    "MoELlavaConfig",
+    "MoELlavaForConditionalGeneration",
+    "MoELlavaModel",
+    "MoEOutputWithPast",
+    "MoEPreTrainedModel",
+    "Routing",
+    "ThresholdTracker",
+    "TopKRouter",
+]

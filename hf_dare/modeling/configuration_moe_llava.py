@@ -60,6 +60,8 @@ class MoEConfigBase(PreTrainedConfig):
     def _resolve_moe_settings(self) -> None:
         """Fill derived defaults, then validate; raises `ValueError` naming the field at fault."""
         num_layers = self.text_config.num_hidden_layers
+        if self.num_experts < 1:
+            raise ValueError(f"{type(self).__name__}.num_experts: got {self.num_experts}; allowed: an integer >= 1.")
         if self.moe_layers is None:
             self.moe_layers = list(range(0, num_layers, 2))
         self.moe_layers = sorted(int(i) for i in self.moe_layers)
@@ -83,8 +85,6 @@ class MoEConfigBase(PreTrainedConfig):
         def fail(field: str, problem: str, allowed: str) -> None:
             raise ValueError(f"{type(self).__name__}.{field}: {problem}; allowed: {allowed}.")
 
-        if self.num_experts < 1:
-            fail("num_experts", f"got {self.num_experts}", "an integer >= 1")
         if self.router not in ROUTERS:
             fail("router", f"unknown router {self.router!r}", ", ".join(repr(r) for r in ROUTERS))
         if not 1 <= self.num_experts_per_tok <= self.num_experts:

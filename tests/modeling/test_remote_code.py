@@ -1,0 +1,111 @@
+"""Saved folders load with `trust_remote_code=True` in a Python where hf_dare cannot be imported."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from hf_dare import MoEForCausalLM, MoELlavaForConditionalGeneration
+from tests.tiny_models import digit_images, llava_config, moe_config, processor, random_batch
+
+REPO_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def run_without_hf_dare(code: str, cwd: Path) -> None:
+    """Run `code` in a fresh interpreter where `import hf_dare` fails and the repo is not on sys.path."""
+    prelude = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["hf_dare"] = None
+        sys.path = [p for p in sys.path if p not in ("", {REPO_ROOT!r})]
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_causal_lm_loads_and_computes_the_same_logits_without_hf_dare(tmp_path):
+    torch.manual_seed(0)
+    model = MoEForCausalLM(moe_config("qwen3", router="dare")).eval()
+    for block in model.moe_blocks:
+        block.router.threshold_tracker.thresholds.copy_(torch.tensor([0.1, 0.4, 1.7]))
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_moe_llava.MoECausalLMConfig",
+        "AutoModelForCausalLM": "modeling_moe_llava.MoEForCausalLM",
+    }
+    assert {"configuration_moe_llava.py", "modeling_moe_llava.py", "routing.py"} <= {
+        p.name for p in model_dir.iterdir()
+    }
+    batch = random_batch(model.config)
+    with torch.no_grad():
+        save_file(
+            {"input_ids": batch["input_ids"], "logits": model(**batch).logits}, tmp_path / "expected.safetensors"
+        )
+
+    run_without_hf_dare(
+        f"""
+        import torch
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, trust_remote_code=True).eval()
+        assert "hf_dare" not in type(model).__module__, type(model).__module__
+        expected = load_file({str(tmp_path / "expected.safetensors")!r})
+        with torch.no_grad():
+            logits = model(input_ids=expected["input_ids"]).logits
+        torch.testing.assert_close(logits, expected["logits"], atol=0, rtol=0)
+        for layer in model.config.moe_layers:
+            thresholds = model.model.layers[layer].mlp.router.threshold_tracker.thresholds
+            torch.testing.assert_close(thresholds, torch.tensor([0.1, 0.4, 1.7]))
+        """,
+        cwd=tmp_path,
+    )
+
+
+def test_llava_folder_with_processor_loads_and_generates_without_hf_dare(tmp_path):
+    torch.manual_seed(0)
+    model = MoELlavaForConditionalGeneration(llava_config(tower="clip", router="ltdr")).eval()
+    proc = processor("clip")
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    proc.save_pretrained(model_dir)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what digit is shown ?"}]}]
+    prompt = proc.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = proc(images=digit_images(1), text=[prompt], return_tensors="pt")
+    expected = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    save_file({"expected": expected, **{k: v for k, v in inputs.items()}}, tmp_path / "inputs.safetensors")
+
+    run_without_hf_dare(
+        f"""
+        import numpy as np, torch
+        from safetensors.torch import load_file
+        from sklearn.datasets import load_digits
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+        model = AutoModelForImageTextToText.from_pretrained({str(model_dir)!r}, trust_remote_code=True).eval()
+        proc = AutoProcessor.from_pretrained({str(model_dir)!r}, trust_remote_code=True)
+        image = (load_digits().images[0] / 16.0 * 255).astype("uint8")
+        image = np.repeat(image[:, :, None], 3, axis=2)
+        inputs = proc(images=[image], text=[{prompt!r}], return_tensors="pt")
+        saved = load_file({str(tmp_path / "inputs.safetensors")!r})
+        assert torch.equal(inputs["input_ids"], saved["input_ids"])
+        generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        assert torch.equal(generated, saved["expected"]), (generated, saved["expected"])
+        """,
+        cwd=tmp_path,
+    )

@@ -5,6 +5,7 @@ Importing `hf_dare` registers the models with transformers' Auto classes; saved 
 own code and load with `trust_remote_code=True` where hf_dare is not installed.
 """
 
+import transformers
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from .modeling import (
@@ -22,6 +23,7 @@ from .modeling import (
     Routing,
     ThresholdTracker,
     TopKRouter,
+    routing_statistics,
 )
 
 __version__ = "0.1.0"
@@ -31,6 +33,8 @@ AutoModelForCausalLM.register(MoECausalLMConfig, MoEForCausalLM, exist_ok=True)
 AutoConfig.register(MoELlavaConfig.model_type, MoELlavaConfig, exist_ok=True)
 AutoModel.register(MoELlavaConfig, MoELlavaModel, exist_ok=True)
 AutoModelForImageTextToText.register(MoELlavaConfig, MoELlavaForConditionalGeneration, exist_ok=True)
+if hasattr(transformers, "AutoModelForVision2Seq"):  # removed in transformers 5
+    transformers.AutoModelForVision2Seq.register(MoELlavaConfig, MoELlavaForConditionalGeneration, exist_ok=True)
 
 # `save_pretrained` then writes the modeling code and an `auto_map` beside the weights.
 MoECausalLMConfig.register_for_auto_class()
@@ -53,4 +57,5 @@ __all__ = [
     "Routing",
     "ThresholdTracker",
     "TopKRouter",
+    "routing_statistics",
 ]

@@ -11,6 +11,7 @@ from .modeling_moe_llava import (
     MoEPreTrainedModel,
 )
 from .routing import DareRouter, DifficultyPredictor, LtdrRouter, Routing, ThresholdTracker, TopKRouter
+from .statistics import routing_statistics
 
 __all__ = [
     "DareRouter",
@@ -29,4 +30,5 @@ __all__ = [
     "Routing",
     "ThresholdTracker",
     "TopKRouter",
+    "routing_statistics",
 ]

@@ -29,6 +29,7 @@ class MoEConfigBase(PreTrainedConfig):
       difficulty loss does not reach the backbone), `difficulty_loss_coef` (alpha).
     - `router_aux_loss_coef` (beta): weight of the load-balancing loss.
     - LTDR: `tail_top_a`, the experts a tail vision token uses (default E).
+    - `training_stages` / `routing_statistics`: what training recorded, shown in the saved model card.
     """
 
     text_config: dict | PreTrainedConfig | None = None
@@ -49,6 +50,9 @@ class MoEConfigBase(PreTrainedConfig):
     router_aux_loss_coef: float = 0.01
     tail_top_a: int | None = None
     tie_word_embeddings: bool = False
+    # Provenance for the model card: appended by training (`hf_dare.training`), not read by the model.
+    training_stages: list[dict] | None = None
+    routing_statistics: dict | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

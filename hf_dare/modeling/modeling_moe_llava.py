@@ -7,6 +7,7 @@ fewer experts than the widest case fills the spare slots with the sentinel index
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ from transformers.models.llava.modeling_llava import (
 )
 
 from .configuration_moe_llava import MoECausalLMConfig, MoEConfigBase, MoELlavaConfig
+from .model_card import GENERATED_MARKER, render_model_card
 from .routing import ROUTER_CLASSES, DareRouter, Routing, ThresholdTracker, TopKRouter
 
 # At most this many tokens take the per-token decode path on CPU (see `MoEBlock.forward`).
@@ -187,6 +189,18 @@ class MoEModelMixin:
     @property
     def moe_blocks(self) -> list[MoEBlock]:
         return [module for module in self.modules() if isinstance(module, MoEBlock)]
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' `save_pretrained`, plus a model card (README.md) unless one not written by us is there."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if not kwargs.get("is_main_process", True):
+            return
+        card = Path(save_directory) / "README.md"
+        if not card.exists() or GENERATED_MARKER in card.read_text(encoding="utf-8"):
+            auto_class = self._auto_class or (
+                "AutoModelForImageTextToText" if hasattr(self.config, "vision_config") else "AutoModelForCausalLM"
+            )
+            card.write_text(render_model_card(self.config, auto_class), encoding="utf-8")
 
     @torch.no_grad()
     def initialize_weights(self):

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
 
-from hf_dare import MoELlavaForConditionalGeneration
+from hf_dare import MoELlavaForConditionalGeneration, routing_statistics
 from tests.tiny_models import (
     IMAGE_SIZE,
     ROUTERS,
@@ -177,3 +177,32 @@ def test_save_and_load_through_image_text_to_text_auto_class(tmp_path):
     assert type(loaded) is MoELlavaForConditionalGeneration
     batch = image_batch(model.config)
     torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=0, rtol=0)
+
+
+def test_routing_statistics_summarise_a_forward():
+    model = build("clip", "ltdr").eval()
+    batch = image_batch(model.config, batch_size=2)
+    outputs = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
+    stats = routing_statistics(outputs.expert_counts, outputs.expert_load, outputs.token_mask, outputs.vision_mask)
+    counts = torch.stack(outputs.expert_counts).float()
+    assert stats["avg_k"] == pytest.approx(counts.mean().item())
+    assert stats["avg_k_text"] == pytest.approx(2.0)
+    assert stats["avg_k_vision"] == pytest.approx(counts[:, outputs.vision_mask].mean().item())
+    assert stats["avg_k_per_layer"] == pytest.approx(counts.mean(dim=(1, 2)).tolist())
+    assert len(stats["load_cv"]) == len(model.config.moe_layers)
+
+
+def test_saved_folder_has_a_model_card_with_routing_and_stages(tmp_path):
+    model = build("siglip", "dare")
+    model.config.training_stages = [{"name": "stage3", "steps": 7, "trained": ["language_model"], "losses": {}}]
+    model.config.routing_statistics = {"avg_k": 1.25, "avg_k_text": 1.4, "avg_k_vision": 1.1}
+    model.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "| stage3 | 7 | language_model |" in card
+    assert "| avg_k | 1.25 |" in card and "| avg_k_vision | 1.1 |" in card
+    assert 'AutoModelForImageTextToText.from_pretrained("path/or/repo-id", trust_remote_code=True)' in card
+    assert "pipeline_tag: image-text-to-text" in card
+    # A card written by someone else is kept.
+    (tmp_path / "README.md").write_text("my own card")
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "README.md").read_text() == "my own card"

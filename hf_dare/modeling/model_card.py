@@ -51,13 +51,14 @@ def render_model_card(config, auto_class: str) -> str:
             "",
             "## Training stages",
             "",
-            "| stage | steps | trained | final losses |",
-            "| --- | --- | --- | --- |",
+            "| stage | steps | trained | final losses | what |",
+            "| --- | --- | --- | --- | --- |",
         ]
         for stage in stages:
-            losses = ", ".join(f"{k} {_fmt(v)}" for k, v in (stage.get("losses") or {}).items())
+            losses = ", ".join(f"{k} {_fmt(v)}" for k, v in (stage.get("losses") or {}).items()) or "-"
             trained = ", ".join(stage.get("trained", [])) or "-"
-            lines.append(f"| {stage.get('name', '?')} | {stage.get('steps', '?')} | {trained} | {losses or '-'} |")
+            what = stage.get("description", "").replace("|", "/") or "-"
+            lines.append(f"| {stage.get('name', '?')} | {stage.get('steps', '-')} | {trained} | {losses} | {what} |")
 
     stats = getattr(config, "routing_statistics", None) or {}
     if stats:

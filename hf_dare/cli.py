@@ -1,0 +1,190 @@
+"""The `hf-dare` command: `hf-dare upcycle`, `hf-dare build`, `hf-dare import-moellava`, `hf-dare report`.
+
+Each subcommand is a thin wrapper over a function of `hf_dare.conversion`; new subcommands register
+themselves in `build_parser` through a `add_<name>_command(subparsers)` function.
+"""
+
+import argparse
+import sys
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument(
+        "--allow-pickle", action="store_true", help="accept .bin (pickle) weights, loaded with weights_only=True"
+    )
+    parser.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
+
+
+def add_upcycle_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "upcycle",
+        help="dense causal LM / dense LLaVA -> MoE checkpoint (experts = copies of the dense FFN)",
+        description="Upcycle a dense causal LM (Qwen2, Qwen3, StableLM, Llama, Mistral) or a dense transformers "
+        "LLaVA into an hf-dare MoE checkpoint: each MoE layer's experts are exact copies of the dense FFN and "
+        "the router is new, so the result computes what the dense model did until it is trained.",
+    )
+    parser.add_argument("src", help="dense checkpoint: local folder or Hub id")
+    parser.add_argument("out", help="output folder")
+    parser.add_argument("--experts", type=int, default=4, help="experts per MoE layer (default 4)")
+    parser.add_argument("--router", choices=("top_k", "dare", "ltdr"), default="dare")
+    parser.add_argument("--moe-layers", type=_ints, default=None, help="e.g. 0,2,4 (default: every other from 0)")
+    parser.add_argument("--target-distribution", type=_floats, default=None, help="DARE's Pi, e.g. 0.6,0.3,0.09,0.01")
+    parser.add_argument("--top-k", type=int, default=2, help="experts per token for top_k / ltdr (default 2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the new routers")
+    _add_output_options(parser)
+    parser.set_defaults(run=_run_upcycle)
+
+
+def _run_upcycle(args) -> str:
+    from .conversion import upcycle
+
+    return upcycle(
+        args.src,
+        args.out,
+        num_experts=args.experts,
+        router=args.router,
+        moe_layers=args.moe_layers,
+        target_distribution=args.target_distribution,
+        top_k=args.top_k,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        allow_pickle=args.allow_pickle,
+        max_shard_size=args.max_shard_size,
+    )
+
+
+def add_build_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "build",
+        help="causal LM + CLIP/SigLIP -> dense transformers LLaVA (stage-1 starting point)",
+        description="Build a dense LlavaForConditionalGeneration from a causal LM and a CLIP / SigLIP vision "
+        "model, with a new 2-layer GELU projector and a LlavaProcessor.",
+    )
+    parser.add_argument("--llm", required=True, help="causal LM: local folder or Hub id")
+    parser.add_argument("--vision", required=True, help="CLIP / SigLIP model (full or vision-only)")
+    parser.add_argument("out", help="output folder")
+    parser.add_argument("--image-token", default="<image>")
+    parser.add_argument("--vision-feature-layer", type=int, default=-2)
+    parser.add_argument("--vision-feature-select-strategy", choices=("default", "full"), default="default")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the new projector")
+    _add_output_options(parser)
+    parser.set_defaults(run=_run_build)
+
+
+def _run_build(args) -> str:
+    from .conversion import build_llava
+
+    return build_llava(
+        args.llm,
+        args.vision,
+        args.out,
+        image_token=args.image_token,
+        vision_feature_layer=args.vision_feature_layer,
+        vision_feature_select_strategy=args.vision_feature_select_strategy,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        allow_pickle=args.allow_pickle,
+        max_shard_size=args.max_shard_size,
+    )
+
+
+def add_import_moellava_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "import-moellava",
+        help="original (DeepSpeed) MoE-LLaVA checkpoint -> hf-dare MoE-LLaVA with the top_k router",
+        description="Import an original MoE-LLaVA checkpoint (StableLM, Qwen, Qwen1.5 decoders) so it runs "
+        "without DeepSpeed. Routing becomes deterministic top-k: no Gumbel noise, no capacity-based dropping.",
+    )
+    parser.add_argument("src", help="original MoE-LLaVA checkpoint: local folder or Hub id")
+    parser.add_argument("out", help="output folder")
+    parser.add_argument("--vision", default=None, help="CLIP / SigLIP tower (default: the config's mm_image_tower)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder / Hub id (default: SRC)")
+    parser.add_argument("--image-token", default="<image>")
+    _add_output_options(parser)
+    parser.set_defaults(run=_run_import_moellava)
+
+
+def _run_import_moellava(args) -> str:
+    from .conversion import import_moellava
+
+    return import_moellava(
+        args.src,
+        args.out,
+        vision=args.vision,
+        tokenizer=args.tokenizer,
+        image_token=args.image_token,
+        overwrite=args.overwrite,
+        allow_pickle=args.allow_pickle,
+        max_shard_size=args.max_shard_size,
+    )
+
+
+def add_report_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="evaluate a saved MoE-LLaVA on LLaVA-format VQA data and plot its routing",
+        description="Evaluate MODEL_DIR (model + processor) on DATA (LLaVA-format JSON) and write evaluation.json "
+        "and plots: Avg K per layer and per modality, expert load per layer, predicted vs true difficulty (DARE), "
+        "accuracy by difficulty.",
+    )
+    parser.add_argument("model_dir", help="saved MoE-LLaVA folder (with its processor)")
+    parser.add_argument("data", help="LLaVA-format JSON with reference answers as the last 'gpt' turn")
+    parser.add_argument("--images", default=None, help="image folder the JSON's paths are relative to")
+    parser.add_argument("--out", default=None, help="output folder (default: MODEL_DIR/report)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=4)
+    parser.set_defaults(run=_run_report)
+
+
+def _run_report(args) -> str:
+    from pathlib import Path
+
+    from .report import report
+
+    out = args.out or str(Path(args.model_dir) / "report")
+    report(args.model_dir, args.data, args.images, out, args.batch_size, args.max_new_tokens)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-dare", description="hf-dare: sparse MoE vision-language models.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_upcycle_command(subparsers)
+    add_build_command(subparsers)
+    add_import_moellava_command(subparsers)
+    add_report_command(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the `hf-dare` command; returns the exit status (0 on success, 1 on a conversion error)."""
+    args = build_parser().parse_args(argv)
+    from .conversion import ConversionError
+
+    try:
+        out = args.run(args)
+    except (ConversionError, ValueError) as error:
+        message = " ".join(str(error).split())
+        print(f"hf-dare {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    print(f"hf-dare {args.command}: wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

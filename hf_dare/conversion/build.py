@@ -1,0 +1,160 @@
+"""Building a dense transformers LLaVA (the stage-1 starting point of MoE-LLaVA) from a causal LM and a
+CLIP / SigLIP vision model: vision tower and decoder taken as they are, a new 2-layer GELU projector, the
+`<image>` token added to the tokenizer, and a `LlavaProcessor` saved beside the model."""
+
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken
+from transformers import (
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedConfig,
+)
+from transformers.utils import logging
+
+from .checkpoint import ConversionError, resolve_source, weight_files
+from .model_card import USAGE_DENSE_LLAVA, command_line, model_card
+from .upcycle import check_gated_ffn_decoder, load_source_config
+from .writer import check_output_folder, staged_output
+
+VISION_TOWERS = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
+
+
+def vision_config_of(config: PreTrainedConfig, folder: Path) -> PreTrainedConfig:
+    """The vision part of a CLIP / SigLIP config (a full model's `vision_config`, or a vision model's own)."""
+    if config.model_type in VISION_TOWERS:
+        return config.vision_config
+    if config.model_type in VISION_TOWERS.values():
+        return config
+    raise ConversionError(
+        f"unsupported vision architecture {config.model_type} in {folder}: expected a CLIP or SigLIP model "
+        "(full or vision-only)."
+    )
+
+
+def load_vision_tower(folder: Path, vision_config: PreTrainedConfig, allow_pickle: bool) -> torch.nn.Module:
+    """The vision model (`CLIPVisionModel` / `SiglipVisionModel`) of a full or vision-only checkpoint."""
+    weight_files(folder, allow_pickle)  # refuses pickle unless allowed
+    with torch.device("meta"):
+        model_class = type(AutoModel.from_config(vision_config))
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # a full CLIP / SigLIP checkpoint's text tower is expected to be left out
+    try:
+        return model_class.from_pretrained(folder, config=vision_config, use_safetensors=not allow_pickle or None)
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def image_tokens_per_image(vision_config: PreTrainedConfig, strategy: str) -> int:
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    has_cls = vision_config.model_type == "clip_vision_model"
+    return patches + (1 if has_cls and strategy == "full" else 0)
+
+
+def add_image_token(tokenizer, image_token: str) -> int:
+    """Add `image_token` as a special token unless the tokenizer has it; returns its id."""
+    if image_token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
+    if getattr(tokenizer, "image_token", image_token) != image_token:
+        tokenizer.image_token = image_token  # LlavaProcessor takes the tokenizer's own image token first
+    return tokenizer.convert_tokens_to_ids(image_token)
+
+
+def build_llava(
+    llm: str | Path,
+    vision: str | Path,
+    out: str | Path,
+    image_token: str = "<image>",
+    vision_feature_layer: int = -2,
+    vision_feature_select_strategy: str = "default",
+    seed: int = 0,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    max_shard_size: int | str = "2GB",
+) -> Path:
+    """A dense `LlavaForConditionalGeneration` checkpoint in `out` from the causal LM `llm` and the CLIP /
+    SigLIP model `vision` (folders or Hub ids), with a new projector (seeded) and a `LlavaProcessor`.
+
+    The decoder's embeddings grow by one row when `image_token` is new and has no spare row. Returns `out`."""
+    if vision_feature_select_strategy not in ("default", "full"):
+        raise ConversionError(
+            f"vision_feature_select_strategy {vision_feature_select_strategy!r}: allowed 'default' or 'full'."
+        )
+    out = check_output_folder(out, overwrite)
+    llm_dir, vision_dir = resolve_source(llm), resolve_source(vision)
+    text_config = load_source_config(llm_dir)
+    check_gated_ffn_decoder(text_config)
+    vision_config = vision_config_of(load_source_config(vision_dir), vision_dir)
+    weight_files(llm_dir, allow_pickle)
+
+    tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+    image_token_id = add_image_token(tokenizer, image_token)
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(vision_dir)
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"no image processor in {vision_dir} (preprocessor_config.json): {error}") from error
+
+    language_model = AutoModelForCausalLM.from_pretrained(llm_dir, use_safetensors=not allow_pickle or None)
+    vision_tower = load_vision_tower(vision_dir, vision_config, allow_pickle)
+    config = LlavaConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=image_token_id,
+        image_seq_length=image_tokens_per_image(vision_config, vision_feature_select_strategy),
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)  # the projector keeps this fresh, seeded initialisation
+    model.model.language_model = language_model.model
+    model.lm_head = language_model.lm_head
+    model.model.vision_tower = vision_tower
+    if image_token_id >= model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(image_token_id + 1)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.to(language_model.dtype)
+
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision_config.patch_size,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        num_additional_image_tokens=1 if vision_config.model_type == "clip_vision_model" else 0,
+        image_token=image_token,
+        chat_template=getattr(tokenizer, "chat_template", None),
+    )
+    command = command_line("build", "--llm", llm, "--vision", vision, out, "--image-token", image_token)
+    command += f" --vision-feature-layer {vision_feature_layer}"
+    command += f" --vision-feature-select-strategy {vision_feature_select_strategy} --seed {seed}"
+    model.config.training_stages = [{"name": "build", "description": command}]  # provenance, for model cards
+    with staged_output(out, overwrite) as staging:
+        model.save_pretrained(staging, max_shard_size=max_shard_size)
+        processor.save_pretrained(staging)
+        generation_config = llm_dir / "generation_config.json"
+        if generation_config.is_file():
+            (staging / "generation_config.json").write_bytes(generation_config.read_bytes())
+        card = model_card(
+            title=f"{out.name}: dense LLaVA from {llm} + {vision}",
+            made_from=f"{llm} (decoder) and {vision} (vision tower)",
+            how="a dense transformers LLaVA, the stage-1 starting point of MoE-LLaVA: decoder and vision tower "
+            f"copied, the 2-layer GELU projector newly initialised (seed {seed})",
+            command=command,
+            notes=[
+                f"Image token {image_token!r} = id {image_token_id}; "
+                f"{config.image_seq_length} image tokens per image.",
+                "Train the projector (stage 1), then upcycle it into MoE-LLaVA with `hf-dare upcycle`.",
+            ],
+            usage=USAGE_DENSE_LLAVA,
+        )
+        (staging / "README.md").write_text(card)
+    return out

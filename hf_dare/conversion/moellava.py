@@ -1,0 +1,351 @@
+"""Importing original MoE-LLaVA checkpoints (PKU-YuanGroup/MoE-LLaVA, DeepSpeed MoE layers) into hf-dare's
+MoE-LLaVA with the `top_k` router, so released StableLM / Qwen models run without DeepSpeed.
+
+The original layout: `model.layers.N.mlp.deepspeed_moe.gate.wg.weight` (E, H) is the router and
+`...deepspeed_moe.experts.deepspeed_experts.K.{gate_proj,up_proj,down_proj}.weight` the experts (Qwen-1.8B,
+built on the first Qwen, names its decoder `transformer.h.N` with `attn.c_attn` (fused qkv), `mlp.w1` (up),
+`mlp.w2` (gate), `mlp.c_proj` (down)); the vision tower is `model.image_tower.image_tower.vision_model.*`
+and the `mlp2x_gelu` projector `model.mm_projector[.image_spatial_proj].{0,2}.*`. The config carries a
+`moe` dict (`moe_layers_idx`, `num_experts` per layer, `top_k_experts`, capacity factors...) and the LLaVA
+fields `mm_image_tower`, `mm_hidden_size`, `mm_vision_select_layer`, `mm_vision_select_feature`,
+`image_projector_type`, `image_aspect_ratio`.
+
+Imported models route deterministically: softmax over the experts, top-2 (the 2nd expert is the best of the
+rest), weights renormalised over the two. DeepSpeed's `top2gating` additionally adds Gumbel noise to the 2nd
+choice and drops tokens over the expert capacity while training; neither is reproduced.
+"""
+
+import re
+from pathlib import Path
+
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoTokenizer,
+    LlavaProcessor,
+    PreTrainedConfig,
+    Qwen2Config,
+    StableLmConfig,
+)
+
+from ..modeling import MoELlavaConfig
+from .build import add_image_token, image_tokens_per_image, vision_config_of
+from .checkpoint import (
+    CheckpointReader,
+    ConversionError,
+    copy_side_files,
+    read_config_dict,
+    rename_by_rules,
+    resolve_source,
+)
+from .model_card import USAGE_LLAVA, command_line, model_card
+from .plan import PlannedTensor, check_plan, copy_of, in_reading_order, padded_rows, rows_of, stacked, stacked_gate_up
+from .targets import expected_tensors, meta_model, save_config_and_code
+from .upcycle import load_source_config
+from .writer import check_output_folder, staged_output, write_plan
+
+# original model_type -> (transformers decoder model_type, decoder key prefix)
+SUPPORTED = {
+    "moe_llava_stablelm": ("stablelm", "model."),
+    "moe_llava_qwen": ("qwen", "transformer."),
+    "moe_llava_qwen1_5": ("qwen2", "model."),
+    "moe_llava_llama": ("llama", "model."),
+    "moe_llava_mistral": ("mistral", "model."),
+}
+UNSUPPORTED = {
+    "moe_llava_phi": "Phi-2's experts are fc1 -> GELU -> fc2 (no gate), which hf-dare's gated experts "
+    "(gate_up_proj / down_proj with a SiLU-gated product) cannot express",
+    "moe_llava_minicpm": "MiniCPM scales embeddings and residuals, which the transformers decoders used here do not",
+}
+DETERMINISTIC_NOTE = (
+    "Imported checkpoints route deterministically: softmax over the experts, top-2 (2nd = best of the rest), "
+    "weights renormalised over the two, no token dropped. The original DeepSpeed `top2gating` adds Gumbel "
+    "noise to the 2nd expert choice and drops tokens over the expert capacity in training; neither is reproduced."
+)
+# Config fields of the original that are LLaVA / MoE / precision settings, not decoder settings.
+NON_DECODER_FIELDS = re.compile(r"^(mm_|image_|video_|moe$|tune_|freeze_|use_mm|tokenizer_|bf16$|fp16$|fp32$)")
+RENAMES = [
+    (r"\.rotary_emb\.inv_freq$", None),
+    (r"\.position_ids$", None),
+    (r"^(model|transformer)\.(video_tower|mm_projector\.video_)", None),  # video branch: not imported
+    (
+        r"^(model|transformer)\.(image_tower|vision_tower)\.(image_tower|vision_tower)\.vision_model\.",
+        "model.vision_tower.",
+    ),
+    (r"^(model|transformer)\.mm_projector\.(image_spatial_proj\.)?0\.", "model.multi_modal_projector.linear_1."),
+    (r"^(model|transformer)\.mm_projector\.(image_spatial_proj\.)?2\.", "model.multi_modal_projector.linear_2."),
+    # The first Qwen's names -> transformers' Qwen2 names.
+    (r"^transformer\.wte\.", "model.language_model.embed_tokens."),
+    (r"^transformer\.ln_f\.", "model.language_model.norm."),
+    (r"^transformer\.h\.(\d+)\.", r"model.language_model.layers.\1."),
+    (r"(layers\.\d+)\.ln_1\.", r"\1.input_layernorm."),
+    (r"(layers\.\d+)\.ln_2\.", r"\1.post_attention_layernorm."),
+    (r"(layers\.\d+)\.attn\.c_proj\.", r"\1.self_attn.o_proj."),
+    (r"(layers\.\d+)\.attn\.c_attn\.", r"\1.self_attn.c_attn."),
+    (r"\.w1\.weight$", ".up_proj.weight"),
+    (r"\.w2\.weight$", ".gate_proj.weight"),
+    (r"\.mlp\.c_proj\.weight$", ".mlp.down_proj.weight"),
+    (r"(deepspeed_experts\.\d+)\.c_proj\.weight$", r"\1.down_proj.weight"),
+    # Every other decoder tensor.
+    (r"^model\.(?!language_model\.|vision_tower\.|multi_modal_projector\.)", "model.language_model."),
+]
+EXPERT = re.compile(
+    r"^(.*layers\.(\d+)\.mlp\.)deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$"
+)
+GATE = re.compile(r"^(.*layers\.\d+\.mlp\.)deepspeed_moe\.gate\.wg\.weight$")
+FUSED_QKV = re.compile(r"^(.*\.self_attn\.)c_attn\.(weight|bias)$")
+
+
+def original_family(original: dict) -> tuple[str, str]:
+    model_type = original.get("model_type", "")
+    if model_type in UNSUPPORTED:
+        raise ConversionError(f"unsupported architecture {model_type}: {UNSUPPORTED[model_type]}.")
+    if model_type not in SUPPORTED:
+        raise ConversionError(
+            f"unsupported architecture {model_type!r}: not an original MoE-LLaVA checkpoint of a supported decoder "
+            f"({', '.join(SUPPORTED)})."
+        )
+    return SUPPORTED[model_type]
+
+
+def text_config_from_original(original: dict) -> PreTrainedConfig:
+    """The transformers decoder config equivalent to the original's (StableLM-Epoch and the first Qwen are
+    mapped field by field onto `StableLmConfig` / `Qwen2Config`)."""
+    decoder, _ = original_family(original)
+    fields = {k: v for k, v in original.items() if not NON_DECODER_FIELDS.match(k)}
+    for key in ("model_type", "architectures", "auto_map", "transformers_version", "torch_dtype", "dtype"):
+        fields.pop(key, None)
+    if decoder == "stablelm":
+        return StableLmConfig(
+            vocab_size=fields["vocab_size"],
+            hidden_size=fields["hidden_size"],
+            intermediate_size=fields["intermediate_size"],
+            num_hidden_layers=fields["num_hidden_layers"],
+            num_attention_heads=fields["num_attention_heads"],
+            num_key_value_heads=fields.get("num_key_value_heads", fields["num_attention_heads"]),
+            hidden_act=fields.get("hidden_act", "silu"),
+            partial_rotary_factor=fields.get("rope_pct", 0.25),
+            rope_theta=fields.get("rope_theta", 10000.0),
+            max_position_embeddings=fields.get("max_position_embeddings", 4096),
+            layer_norm_eps=fields.get("norm_eps", 1e-5),
+            use_qkv_bias=fields.get("use_qkv_bias", True),
+            qk_layernorm=False,
+            use_parallel_residual=False,
+            tie_word_embeddings=fields.get("tie_word_embeddings", False),
+            bos_token_id=fields.get("bos_token_id"),
+            eos_token_id=fields.get("eos_token_id"),
+        )
+    if decoder == "qwen":
+        heads, hidden = fields["num_attention_heads"], fields["hidden_size"]
+        if fields.get("kv_channels", hidden // heads) * heads != hidden or fields.get("rotary_pct", 1.0) != 1.0:
+            raise ConversionError(
+                "unsupported architecture qwen: kv_channels * heads != hidden_size or rotary_pct != 1."
+            )
+        return Qwen2Config(
+            vocab_size=fields["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=fields["intermediate_size"] // 2,  # the first Qwen's w1 / w2 are half as wide
+            num_hidden_layers=fields["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            rms_norm_eps=fields.get("layer_norm_epsilon", 1e-6),
+            rope_theta=fields.get("rotary_emb_base", 10000.0),
+            max_position_embeddings=fields.get("max_position_embeddings", fields.get("seq_length", 8192)),
+            tie_word_embeddings=False,
+            hidden_act="silu",
+        )
+    return AutoConfig.for_model(decoder, **fields)
+
+
+def moe_settings_from_original(original: dict) -> dict:
+    moe = original.get("moe")
+    if not isinstance(moe, dict) or not moe.get("moe_layers_idx"):
+        raise ConversionError("the config has no `moe` dict with `moe_layers_idx`: not an MoE-LLaVA checkpoint.")
+    if moe.get("use_residual"):
+        raise ConversionError("unsupported MoE layout: use_residual=True (residual MoE) has no hf-dare equivalent.")
+    num_experts = moe.get("num_experts")
+    counts = set(num_experts) if isinstance(num_experts, list) else {num_experts}
+    if len(counts) != 1 or None in counts:
+        raise ConversionError(
+            f"unsupported MoE layout: num_experts={num_experts}; every MoE layer needs the same count."
+        )
+    return dict(
+        num_experts=counts.pop(),
+        moe_layers=list(moe["moe_layers_idx"]),
+        num_experts_per_tok=moe.get("top_k_experts", 2),
+        router="top_k",
+        router_aux_loss_coef=moe.get("router_aux_loss_coef", 0.01),
+    )
+
+
+def moellava_plan(reader: CheckpointReader, config: MoELlavaConfig, vocab_rows: int) -> list[PlannedTensor]:
+    """The plan from the original's tensors (under `RENAMES`): routers copied, experts stacked, the first
+    Qwen's fused qkv split, embeddings / LM head grown to `vocab_rows` when the image token is new."""
+    text = config.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    q_rows, kv_rows = text.num_attention_heads * head_dim, text.num_key_value_heads * head_dim
+    experts: dict[str, dict[int, dict[str, str]]] = {}
+    plan = []
+    for name in reader.names():
+        if match := EXPERT.match(name):
+            experts.setdefault(match.group(1), {}).setdefault(int(match.group(3)), {})[match.group(4)] = name
+        elif match := GATE.match(name):
+            plan.append(copy_of(reader, name, match.group(1) + "router.weight"))
+        elif match := FUSED_QKV.match(name):
+            attn, kind = match.groups()
+            bounds = {
+                "q_proj": (0, q_rows),
+                "k_proj": (q_rows, q_rows + kv_rows),
+                "v_proj": (q_rows + kv_rows, q_rows + 2 * kv_rows),
+            }
+            plan += [rows_of(reader, name, f"{attn}{proj}.{kind}", *span) for proj, span in bounds.items()]
+        elif name.endswith(("embed_tokens.weight", "lm_head.weight")) and reader.shape(name)[0] < vocab_rows:
+            plan.append(padded_rows(reader, name, name, vocab_rows))
+        else:
+            plan.append(copy_of(reader, name))
+    for ffn, by_expert in experts.items():
+        if sorted(by_expert) != list(range(config.num_experts)):
+            raise ConversionError(
+                f"missing tensor(s): {ffn}deepspeed_moe has experts {sorted(by_expert)}, expected 0..{config.num_experts - 1}."
+            )
+        for e, parts in sorted(by_expert.items()):
+            missing = [p for p in ("gate_proj", "up_proj", "down_proj") if p not in parts]
+            if missing:
+                raise ConversionError(
+                    f"missing tensor {ffn}deepspeed_moe.experts.deepspeed_experts.{e}.{missing[0]}.weight"
+                )
+        ordered = [by_expert[e] for e in range(config.num_experts)]
+        plan.append(
+            stacked_gate_up(reader, ffn + "experts.gate_up_proj", [(p["gate_proj"], p["up_proj"]) for p in ordered])
+        )
+        plan.append(stacked(reader, ffn + "experts.down_proj", [p["down_proj"] for p in ordered]))
+    return plan
+
+
+def vision_tower_plan(folder: Path, allow_pickle: bool) -> tuple[list[PlannedTensor], CheckpointReader]:
+    """The vision tower's tensors from a CLIP / SigLIP checkpoint (full or vision-only), for originals that
+    do not store them (MoE-LLaVA loads its tower from `mm_image_tower`)."""
+    probe = CheckpointReader(folder, allow_pickle)
+    full = any(n.startswith("vision_model.") for n in probe.names())
+    rules = [(r"\.position_ids$", None)]
+    rules += [(r"^(?!vision_model\.)", None), (r"^vision_model\.", "")] if full else []
+    reader = CheckpointReader(folder, allow_pickle, rename_by_rules(rules))
+
+    def external(name: str) -> PlannedTensor:
+        return PlannedTensor(
+            "model.vision_tower." + name, reader.shape(name), reader.dtype(name), (), lambda _: reader.get(name)
+        )
+
+    return [external(name) for name in reader.names()], reader
+
+
+def import_moellava(
+    src: str | Path,
+    out: str | Path,
+    vision: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    image_token: str = "<image>",
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    max_shard_size: int | str = "2GB",
+) -> Path:
+    """Convert the original MoE-LLaVA checkpoint `src` into an hf-dare `MoELlavaConfig` checkpoint in `out`
+    (`top_k` router, same experts and gates). `vision`: the CLIP / SigLIP folder or Hub id of the vision tower
+    (default: the config's `mm_image_tower`), which gives the vision config and image processor, and the
+    tower's weights when `src` lacks them. `tokenizer`: where to load the tokenizer from (default `src`).
+
+    Routing is deterministic top-k without Gumbel noise or capacity-based token dropping (see module doc)."""
+    out = check_output_folder(out, overwrite)
+    src_dir = resolve_source(src)
+    original = read_config_dict(src_dir)
+    _, key_prefix = original_family(original)
+    if original.get("image_projector_type", original.get("mm_projector_type", "mlp2x_gelu")) != "mlp2x_gelu":
+        raise ConversionError(
+            f"unsupported projector {original.get('image_projector_type')!r}: only 'mlp2x_gelu' is supported."
+        )
+    vision_src = vision or original.get("mm_image_tower") or original.get("mm_vision_tower")
+    if not vision_src:
+        raise ConversionError("no vision tower: the config has no mm_image_tower; pass --vision.")
+    vision_dir = resolve_source(vision_src)
+    vision_config = vision_config_of(load_source_config(vision_dir), vision_dir)
+    select = original.get("mm_vision_select_feature", "patch")
+    if select not in ("patch", "cls_patch"):
+        raise ConversionError(f"unsupported mm_vision_select_feature {select!r}: allowed 'patch' or 'cls_patch'.")
+    strategy = "default" if select == "patch" else "full"
+
+    tokenizer_dir = resolve_source(tokenizer) if tokenizer else src_dir
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except Exception as error:  # noqa: BLE001 - a tokenizer needing remote code, or none at all
+        raise ConversionError(
+            f"cannot load the tokenizer of {tokenizer_dir} without remote code ({type(error).__name__}); "
+            "pass --tokenizer with a transformers-native tokenizer of the same vocabulary."
+        ) from error
+    image_token_id = add_image_token(tok, image_token)
+
+    text_config = text_config_from_original(original)
+    config = MoELlavaConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=image_token_id,
+        image_seq_length=image_tokens_per_image(vision_config, strategy),
+        vision_feature_layer=original.get("mm_vision_select_layer", -2),
+        vision_feature_select_strategy=strategy,
+        tie_word_embeddings=bool(text_config.tie_word_embeddings),
+        **moe_settings_from_original(original),
+    )
+    vocab_rows = max(text_config.vocab_size, image_token_id + 1)
+    config.text_config.vocab_size = vocab_rows
+    if original.get("torch_dtype"):
+        config.dtype = original["torch_dtype"]
+
+    reader = CheckpointReader(src_dir, allow_pickle, rename_by_rules(RENAMES))
+    if not any(n.startswith(key_prefix) or n.startswith("model.") for n in reader.names()):
+        raise ConversionError(f"{src_dir}: no tensor under {key_prefix!r}; not an original MoE-LLaVA checkpoint.")
+    plan = moellava_plan(reader, config, vocab_rows)
+    if not any(p.name.startswith("model.vision_tower.") for p in plan):
+        vision_plan, _ = vision_tower_plan(vision_dir, allow_pickle)
+        plan += vision_plan
+    model = meta_model(config)
+    expected, optional = expected_tensors(model)
+    check_plan(plan, expected, f"MoELlavaForConditionalGeneration ({original['model_type']})", optional)
+
+    image_processor = AutoImageProcessor.from_pretrained(vision_dir)
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=vision_config.patch_size,
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=1 if vision_config.model_type == "clip_vision_model" else 0,
+        image_token=image_token,
+        chat_template=getattr(tok, "chat_template", None),
+    )
+    with staged_output(out, overwrite) as staging:
+        write_plan(in_reading_order(plan, reader), reader, staging, max_shard_size)
+        save_config_and_code(config, model, staging)
+        copy_side_files(src_dir, staging)
+        processor.save_pretrained(staging)
+        notes = [DETERMINISTIC_NOTE]
+        moe = original["moe"]
+        notes.append(
+            f"Original MoE settings: capacity_factor={moe.get('capacity_factor')}, "
+            f"eval_capacity_factor={moe.get('eval_capacity_factor')}, min_capacity={moe.get('min_capacity')} "
+            "(capacities are not used here)."
+        )
+        if original.get("image_aspect_ratio") == "pad":
+            notes.append(
+                "The original pads images to a square (mean colour) before the image processor "
+                "(image_aspect_ratio='pad'); do the same for identical image features."
+            )
+        card = model_card(
+            title=f"{out.name}: MoE-LLaVA imported from {src}",
+            made_from=f"{src} (original MoE-LLaVA, {original['model_type']})",
+            how="import of the DeepSpeed MoE layers into hf-dare's MoE-LLaVA with the `top_k` router: the same "
+            "experts and gates, decoder and vision tower renamed to transformers' layout",
+            command=command_line("import-moellava", src, out) + (f" --vision {vision}" if vision else ""),
+            config=config,
+            notes=notes,
+            usage=USAGE_LLAVA,
+        )
+        (staging / "README.md").write_text(card)
+    return out

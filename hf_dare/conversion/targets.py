@@ -1,0 +1,79 @@
+"""What a converted checkpoint must look like: the target model's tensors (from the model built on the meta
+device, so nothing is allocated), freshly initialised routers, and the config + modeling code files."""
+
+from pathlib import Path
+
+import torch
+from transformers.dynamic_module_utils import custom_object_save
+
+from ..modeling import MoECausalLMConfig, MoEConfigBase, MoEForCausalLM, MoELlavaForConditionalGeneration
+from .checkpoint import ConversionError
+from .plan import PlannedTensor, fresh
+
+CODE_FILES = ("configuration_moe_llava.py", "modeling_moe_llava.py", "routing.py")
+
+
+def model_class_for(config: MoEConfigBase) -> type:
+    return MoEForCausalLM if isinstance(config, MoECausalLMConfig) else MoELlavaForConditionalGeneration
+
+
+def meta_model(config: MoEConfigBase) -> torch.nn.Module:
+    with torch.device("meta"):
+        return model_class_for(config)(config)
+
+
+def expected_tensors(model: torch.nn.Module) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+    """Names and shapes of the tensors the checkpoint of `model` holds, and those that may be absent
+    (the LM head when tied to the input embeddings)."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    optional = ["lm_head.weight"] if model.config.tie_word_embeddings else []
+    return expected, optional
+
+
+def text_prefix(config: MoEConfigBase) -> str:
+    """Where the decoder's tensors live in the target checkpoint."""
+    return "model." if isinstance(config, MoECausalLMConfig) else "model.language_model."
+
+
+def router_plan(
+    config: MoEConfigBase, layer_idx: int, dtype: torch.dtype, seed: int, anchor: str
+) -> list[PlannedTensor]:
+    """Freshly initialised router tensors of one MoE layer, as the model's own init does it: router and
+    predictor weights normal(0, initializer_range), biases 0, the predictor's RMSNorm 1, DARE's thresholds
+    at `config.initial_thresholds` (float32, like the buffer)."""
+    text = config.text_config
+    hidden = text.hidden_size
+    std = getattr(text, "initializer_range", 0.02)
+    p = f"{text_prefix(config)}layers.{layer_idx}.mlp.router."
+    plan = [fresh(p + "weight", (config.num_experts, hidden), dtype, "normal", seed, anchor, std)]
+    if config.router == "dare":
+        size = config.difficulty_predictor_size
+        d = p + "difficulty_predictor."
+        plan += [
+            fresh(d + "norm.weight", (hidden,), dtype, "ones", seed, anchor),
+            fresh(d + "up.weight", (size, hidden), dtype, "normal", seed, anchor, std),
+            fresh(d + "up.bias", (size,), dtype, "zeros", seed, anchor),
+            fresh(d + "down.weight", (1, size), dtype, "normal", seed, anchor, std),
+            fresh(d + "down.bias", (1,), dtype, "zeros", seed, anchor),
+            fresh(
+                p + "threshold_tracker.thresholds",
+                (len(config.initial_thresholds),),
+                torch.float32,
+                "values",
+                seed,
+                anchor,
+                values=config.initial_thresholds,
+            ),
+        ]
+    return plan
+
+
+def save_config_and_code(config: MoEConfigBase, model: torch.nn.Module, folder: Path) -> None:
+    """config.json with `auto_map`, and the modeling code files beside it (what `save_pretrained` writes
+    besides the weights)."""
+    config.architectures = [type(model).__name__]
+    custom_object_save(model, folder, config=config)
+    config.save_pretrained(folder)
+    missing = [name for name in CODE_FILES if not (folder / name).is_file()]
+    if missing:
+        raise ConversionError(f"the modeling code files {missing} were not written; is hf_dare imported?")

@@ -1,0 +1,175 @@
+"""Upcycling: a dense decoder (or a dense transformers LLaVA built on one) becomes an MoE checkpoint whose
+experts are exact copies of each MoE layer's dense FFN and whose routers are new.
+
+With identical experts and routing weights that sum to 1 per token, the upcycled model computes what the
+dense model did, whatever the router (MoE-LLaVA's sparse upcycling).
+"""
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, PreTrainedConfig
+
+from ..modeling import MoECausalLMConfig, MoEConfigBase, MoELlavaConfig
+from .checkpoint import CheckpointReader, ConversionError, copy_side_files, rename_by_rules, resolve_source
+from .model_card import USAGE_CAUSAL_LM, USAGE_LLAVA, command_line, model_card
+from .plan import PlannedTensor, check_plan, copy_of, in_reading_order, stacked, stacked_gate_up
+from .targets import expected_tensors, meta_model, router_plan, save_config_and_code, text_prefix
+from .writer import check_output_folder, staged_output, write_plan
+
+FFN_NAMES = ("gate_proj", "up_proj", "down_proj")
+# Buffers some older checkpoints carry and no model loads.
+DROPPED_KEYS = [(r"\.rotary_emb\.inv_freq$", None), (r"\.embeddings\.position_ids$", None)]
+# transformers' legacy LLaVA layout (what `LlavaForConditionalGeneration.save_pretrained` still writes) ->
+# the runtime layout our MoE-LLaVA uses.
+LLAVA_RENAMES = DROPPED_KEYS + [
+    (r"^language_model\.model\.", "model.language_model."),
+    (r"^language_model\.lm_head\.", "lm_head."),
+    (r"^vision_tower\.", "model.vision_tower."),
+    (r"^multi_modal_projector\.", "model.multi_modal_projector."),
+    (r"^model\.vision_tower\.vision_model\.", "model.vision_tower."),
+]
+
+
+def check_gated_ffn_decoder(text_config: PreTrainedConfig) -> None:
+    """Raise `ConversionError` unless the decoder's layers have `mlp.gate_proj / up_proj / down_proj`."""
+    name = f"{text_config.model_type} ({', '.join(getattr(text_config, 'architectures', None) or []) or 'no architectures'})"
+    try:
+        with torch.device("meta"):
+            backbone = AutoModel.from_config(text_config)
+    except Exception as error:  # noqa: BLE001 - any failure means we cannot build it
+        raise ConversionError(f"unsupported architecture {name}: transformers cannot build it ({error}).") from error
+    layers = getattr(backbone, "layers", None)
+    if layers is None or not all(
+        all(hasattr(layer.mlp, n) for n in FFN_NAMES) for layer in layers if hasattr(layer, "mlp")
+    ):
+        raise ConversionError(
+            f"unsupported architecture {name}: upcycling needs a decoder whose layers have "
+            "mlp.gate_proj / up_proj / down_proj (Qwen2, Qwen3, StableLM, Llama, Mistral...)."
+        )
+
+
+def moe_config_for(source_config: PreTrainedConfig, **moe_settings) -> MoEConfigBase:
+    """The MoE config of an upcycled `source_config` (a causal LM's config or a transformers `LlavaConfig`)."""
+    model_type = source_config.model_type
+    if model_type in (MoECausalLMConfig.model_type, MoELlavaConfig.model_type):
+        raise ConversionError(f"the source is already an MoE checkpoint ({model_type}); upcycle a dense one.")
+    if model_type == "llava":
+        check_gated_ffn_decoder(source_config.text_config)
+        config = MoELlavaConfig(
+            text_config=source_config.text_config,
+            vision_config=source_config.vision_config,
+            image_token_id=source_config.image_token_id,
+            image_seq_length=source_config.image_seq_length,
+            projector_hidden_act=source_config.projector_hidden_act,
+            multimodal_projector_bias=source_config.multimodal_projector_bias,
+            vision_feature_select_strategy=source_config.vision_feature_select_strategy,
+            vision_feature_layer=source_config.vision_feature_layer,
+            tie_word_embeddings=bool(getattr(source_config, "tie_word_embeddings", False)),
+            **moe_settings,
+        )
+    else:
+        check_gated_ffn_decoder(source_config)
+        config = MoECausalLMConfig(text_config=source_config, **moe_settings)
+    dtype = getattr(source_config, "dtype", None)
+    if dtype is not None:
+        config.dtype = dtype
+    return config
+
+
+def upcycle_plan(reader: CheckpointReader, config: MoEConfigBase, seed: int = 0) -> list[PlannedTensor]:
+    """Every input tensor copied, except the FFNs of `config.moe_layers`, which become E stacked experts and a
+    new router. Raises `ConversionError` naming a missing FFN tensor or one that fits nowhere."""
+    prefix = text_prefix(config)
+    moe_ffn = re.compile(rf"^{re.escape(prefix)}layers\.(\d+)\.mlp\.({'|'.join(FFN_NAMES)})\.weight$")
+    moe_layers = set(config.moe_layers)
+    plan = []
+    for name in reader.names():
+        match = moe_ffn.match(name)
+        if not (match and int(match.group(1)) in moe_layers):
+            plan.append(copy_of(reader, name))
+    for layer_idx in config.moe_layers:
+        ffn = f"{prefix}layers.{layer_idx}.mlp."
+        gate, up, down = (ffn + n + ".weight" for n in FFN_NAMES)
+        for source in (gate, up, down):
+            if source not in reader:
+                raise ConversionError(
+                    f"missing tensor {source} in {reader.folder} (the dense FFN of MoE layer {layer_idx})."
+                )
+        experts = config.num_experts
+        plan.append(stacked_gate_up(reader, ffn + "experts.gate_up_proj", [(gate, up)] * experts))
+        plan.append(stacked(reader, ffn + "experts.down_proj", [down] * experts))
+        plan += router_plan(config, layer_idx, reader.dtype(gate), seed, anchor=down)
+    return plan
+
+
+def load_source_config(folder: Path) -> PreTrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError, OSError) as error:
+        raise ConversionError(f"unsupported architecture in {folder}: {error}".split("\n")[0]) from error
+
+
+def upcycle(
+    src: str | Path,
+    out: str | Path,
+    num_experts: int = 4,
+    router: str = "dare",
+    moe_layers: Sequence[int] | None = None,
+    target_distribution: Sequence[float] | None = None,
+    top_k: int = 2,
+    seed: int = 0,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    max_shard_size: int | str = "2GB",
+    **moe_settings,
+) -> Path:
+    """Upcycle the dense checkpoint `src` (folder or Hub id; a causal LM, or a transformers LLaVA) into an
+    MoE checkpoint in `out`: an `MoECausalLMConfig` / `MoELlavaConfig` checkpoint whose MoE layers' experts
+    are copies of the dense FFN and whose routers are initialised from `seed`. Streams tensor by tensor.
+
+    Extra keyword arguments are further MoE config fields (e.g. `initial_thresholds`). Returns `out`."""
+    out = check_output_folder(out, overwrite)
+    src_dir = resolve_source(src)
+    source_config = load_source_config(src_dir)
+    settings = dict(
+        num_experts=num_experts,
+        router=router,
+        moe_layers=list(moe_layers) if moe_layers is not None else None,
+        num_experts_per_tok=top_k,
+        **moe_settings,
+    )
+    if target_distribution is not None:
+        settings["target_distribution"] = list(target_distribution)
+    config = moe_config_for(source_config, **settings)
+    is_llava = isinstance(config, MoELlavaConfig)
+    reader = CheckpointReader(src_dir, allow_pickle, rename_by_rules(LLAVA_RENAMES if is_llava else DROPPED_KEYS))
+    plan = upcycle_plan(reader, config, seed)
+    model = meta_model(config)
+    expected, optional = expected_tensors(model)
+    check_plan(plan, expected, type(model).__name__ + f" ({config.text_config.model_type})", optional)
+
+    command = command_line("upcycle", src, out, "--experts", num_experts, "--router", router, "--top-k", top_k)
+    command += f" --moe-layers {','.join(map(str, config.moe_layers))} --seed {seed}"
+    if router == "dare":
+        command += f" --target-distribution {','.join(map(str, config.target_distribution))}"
+    previous_stages = getattr(source_config, "training_stages", None) or []
+    config.training_stages = [*previous_stages, {"name": "upcycle", "description": command}]
+    with staged_output(out, overwrite) as staging:
+        write_plan(in_reading_order(plan, reader), reader, staging, max_shard_size)
+        save_config_and_code(config, model, staging)
+        copy_side_files(src_dir, staging)
+        card = model_card(
+            title=f"{out.name}: {'MoE-LLaVA' if is_llava else 'MoE'} upcycled from {src}",
+            made_from=str(src),
+            how=f"sparse upcycling: each MoE layer's {num_experts} experts are copies of the dense FFN, "
+            f"the `{router}` router is newly initialised (seed {seed}); every other tensor is copied unchanged",
+            command=command,
+            config=config,
+            usage=USAGE_LLAVA if is_llava else USAGE_CAUSAL_LM,
+            notes=["Until the routers are trained, the model computes exactly what the dense model did."],
+        )
+        (staging / "README.md").write_text(card)
+    return out

@@ -1,0 +1,141 @@
+"""Upcycling dense checkpoints: the MoE model computes what the dense one did, the output folder is a complete
+checkpoint, and the dense-LLaVA build loads in transformers and upcycles too."""
+
+import json
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    LlavaForConditionalGeneration,
+)
+
+from hf_dare import MoECausalLMConfig, MoELlavaConfig
+from hf_dare.cli import main
+from hf_dare.conversion import build_llava, upcycle
+from tests import tiny_models
+
+from .conftest import save_vision_tower
+
+
+def _logits(model, **inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("router", ["top_k", "dare"])
+@pytest.mark.parametrize("family", tiny_models.TEXT_FAMILIES)
+def test_upcycled_lm_matches_dense(dense_dirs, tmp_path, family, router):
+    out = upcycle(dense_dirs[family], tmp_path / "moe", num_experts=4, router=router, seed=3, max_shard_size="30KB")
+    dense = AutoModelForCausalLM.from_pretrained(dense_dirs[family])
+    moe = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert isinstance(moe.config, MoECausalLMConfig) and moe.config.router == router
+    batch = tiny_models.random_batch(moe.config, seq_len=10)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    torch.testing.assert_close(_logits(moe, **inputs), _logits(dense, **inputs), atol=1e-5, rtol=0)
+
+
+def test_upcycled_folder_is_a_complete_checkpoint(dense_dirs, tmp_path):
+    src = dense_dirs["qwen2"]
+    out = upcycle(
+        src, tmp_path / "moe", num_experts=3, router="dare", moe_layers=[1, 3], seed=0, max_shard_size="30KB"
+    )
+    files = {p.name for p in out.iterdir()}
+    assert {"configuration_moe_llava.py", "modeling_moe_llava.py", "routing.py"} <= files
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md"} <= files
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(f for f in files if f.startswith("model-"))
+    assert len(shards) > 1 and set(index["weight_map"].values()) == set(shards)
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_moe_llava.MoEForCausalLM"
+    assert config["moe_layers"] == [1, 3] and config["num_experts"] == 3
+    card = (out / "README.md").read_text()
+    assert str(src) in card and "trust_remote_code=True" in card and "--moe-layers 1,3" in card
+
+    dense = AutoModelForCausalLM.from_pretrained(src).model.layers
+    moe = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    for layer_idx in (1, 3):
+        block, mlp = moe.model.layers[layer_idx].mlp, dense[layer_idx].mlp
+        for e in range(3):
+            torch.testing.assert_close(
+                block.experts.gate_up_proj[e], torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            )
+            torch.testing.assert_close(block.experts.down_proj[e], mlp.down_proj.weight)
+        assert block.router.threshold_tracker.thresholds.tolist() == moe.config.initial_thresholds == [0.0, 1.0]
+    torch.testing.assert_close(moe.model.layers[0].mlp.up_proj.weight, dense[0].mlp.up_proj.weight)
+    # The seed decides the routers, nothing else does.
+    again = upcycle(src, tmp_path / "again", num_experts=3, router="dare", moe_layers=[1, 3], seed=0)
+    other = upcycle(src, tmp_path / "other", num_experts=3, router="dare", moe_layers=[1, 3], seed=1)
+    router = "model.layers.1.mlp.router.weight"
+    weights = {
+        p.name: AutoModelForCausalLM.from_pretrained(p, trust_remote_code=True).state_dict()[router]
+        for p in (again, other)
+    }
+    torch.testing.assert_close(weights["again"], moe.state_dict()[router])
+    assert not torch.equal(weights["other"], weights["again"])
+
+
+def test_cli_upcycle_settings(dense_dirs, tmp_path, capsys):
+    out = tmp_path / "cli"
+    status = main(
+        ["upcycle", str(dense_dirs["stablelm"]), str(out), "--experts", "4", "--router", "dare",
+         "--moe-layers", "0,1", "--target-distribution", "0.4,0.3,0.2,0.1", "--seed", "5"]
+    )  # fmt: skip
+    assert status == 0 and str(out) in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["moe_layers"] == [0, 1] and config["target_distribution"] == [0.4, 0.3, 0.2, 0.1]
+    assert config["router"] == "dare" and config["text_config"]["model_type"] == "stablelm"
+
+
+@pytest.fixture(scope="module")
+def built_llava(dense_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("llava")
+    save_vision_tower(root / "clip", "clip")
+    out = root / "dense-llava"
+    assert main(["build", "--llm", str(dense_dirs["qwen2"]), "--vision", str(root / "clip"), str(out),
+                 "--max-shard-size", "30KB"]) == 0  # fmt: skip
+    return out
+
+
+def _image_inputs(processor):
+    image = tiny_models.digit_images(1)
+    return processor(images=image, text="<image> what digit is shown ?", return_tensors="pt")
+
+
+def test_built_llava_loads_in_transformers(built_llava, dense_dirs):
+    model = LlavaForConditionalGeneration.from_pretrained(built_llava)
+    processor = AutoProcessor.from_pretrained(built_llava)
+    inputs = _image_inputs(processor)
+    image_tokens = (inputs["input_ids"] == model.config.image_token_id).sum().item()
+    assert image_tokens == tiny_models.image_tokens_per_image("clip") == model.config.image_seq_length
+    assert _logits(model, **inputs).shape[-1] == tiny_models.VOCAB_SIZE
+    dense = AutoModelForCausalLM.from_pretrained(dense_dirs["qwen2"])
+    torch.testing.assert_close(model.lm_head.weight, dense.lm_head.weight)
+    assert "Made from" in (built_llava / "README.md").read_text()
+
+
+def test_upcycled_llava_matches_dense_llava(built_llava, tmp_path):
+    out = upcycle(built_llava, tmp_path / "moe-llava", num_experts=4, router="dare", max_shard_size="30KB")
+    dense = LlavaForConditionalGeneration.from_pretrained(built_llava)
+    moe = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True)
+    assert isinstance(moe.config, MoELlavaConfig) and len(moe.moe_blocks) == 2
+    processor = AutoProcessor.from_pretrained(out)
+    inputs = _image_inputs(processor)
+    torch.testing.assert_close(_logits(moe, **inputs), _logits(dense, **inputs), atol=1e-5, rtol=0)
+
+
+def test_build_with_siglip_and_new_image_token(dense_dirs, tmp_path):
+    save_vision_tower(tmp_path / "siglip", "siglip")
+    out = build_llava(
+        dense_dirs["qwen3"], tmp_path / "siglip", tmp_path / "llava", image_token="<img>",
+        vision_feature_layer=-1, vision_feature_select_strategy="full",
+    )  # fmt: skip
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    assert model.config.image_token_id == tiny_models.VOCAB_SIZE  # a new token, one more embedding row
+    assert model.get_input_embeddings().weight.shape[0] == tiny_models.VOCAB_SIZE + 1
+    inputs = processor(images=tiny_models.digit_images(1), text="<img> what digit", return_tensors="pt")
+    assert (inputs["input_ids"] == model.config.image_token_id).sum() == 4  # SigLIP: no CLS token
+    assert torch.isfinite(_logits(model, **inputs)).all()

@@ -35,7 +35,7 @@ import hf_dare  # noqa: F401  (registers the MoE models with the Auto classes)
 from hf_dare.conversion.build import build_llava
 from hf_dare.conversion.upcycle import upcycle
 from hf_dare.evaluation import evaluate_vqa, generation_throughput
-from hf_dare.flops import activated_parameters
+from hf_dare.flops import activated_parameters_at
 from hf_dare.report import write_report
 from hf_dare.training import LlavaDataCollator, MoETrainer, TrainingStage, apply_stage, load_llava_dataset
 from hf_dare.training.provenance import record_training_stage
@@ -162,15 +162,15 @@ def run(out: Path, size: RunSize, routers: tuple[str, ...], seed: int = 0) -> di
         processor = AutoProcessor.from_pretrained(final)
         evaluation = evaluate_vqa(model, processor, data["test"], batch_size=32)
         tokens_per_second = generation_throughput(model, processor, data["test"], batch_size=16)
-        n_active = activated_parameters(model, avg_k_per_layer(evaluation.routing))
+        n_active = activated_parameters_at(model, avg_k_per_layer(evaluation.routing))
         write_report(evaluation, final / "report", title=f"digits VQA, {router} router")
         results[router] = {
             "accuracy": evaluation.accuracy,
             "avg_k": evaluation.routing.get("routing/avg_k"),
             "avg_k_text": evaluation.routing.get("routing/avg_k_text"),
             "avg_k_vision": evaluation.routing.get("routing/avg_k_vision"),
-            "activated_parameters": n_active["activated"],
-            "total_parameters": n_active["total"],
+            "activated_parameters": round(n_active["activated_params"]),
+            "total_parameters": n_active["total_params"],
             "tokens_per_second": tokens_per_second,
             "model": str(final),
         }
@@ -179,9 +179,10 @@ def run(out: Path, size: RunSize, routers: tuple[str, ...], seed: int = 0) -> di
     return results
 
 
-def avg_k_per_layer(routing: dict) -> dict[int, float]:
+def avg_k_per_layer(routing: dict) -> list[float]:
+    """Avg K of each MoE layer, in layer order, from `RoutingMetrics` keys `routing/avg_k_layer_{i}`."""
     prefix = "routing/avg_k_layer_"
-    return {int(k.removeprefix(prefix)): v for k, v in routing.items() if k.startswith(prefix)}
+    return [v for _, v in sorted((int(k.removeprefix(prefix)), v) for k, v in routing.items() if k.startswith(prefix))]
 
 
 def print_table(results: dict) -> None:

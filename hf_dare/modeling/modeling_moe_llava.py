@@ -48,33 +48,38 @@ class MoEExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
         self.act_fn = ACT2FN[text_config.hidden_act]
 
-    def expert(self, hidden_states: torch.Tensor, expert_idx: int) -> torch.Tensor:
-        """Expert `expert_idx` on (N, H) -> (N, H)."""
-        gate, up = F.linear(hidden_states, self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
-        return F.linear(self.act_fn(gate) * up, self.down_proj[expert_idx])
+    def expert(self, hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
+        """One expert, given its weights (2I, H) and (H, I), on (N, H) -> (N, H)."""
+        gate, up = F.linear(hidden_states, gate_up_proj).chunk(2, dim=-1)
+        return F.linear(self.act_fn(gate) * up, down_proj)
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         """The `eager` implementation. (T, H), (T, K) with sentinel `num_experts`, (T, K) -> (T, H).
 
-        Slots are sorted by expert so each expert runs one matmul over its tokens; the sentinel sorts
-        last and is never computed. One host sync (the per-expert counts) per call.
+        Slots are sorted by expert and gathered once, so each expert runs one matmul over a contiguous
+        block of its tokens; sentinel slots sort last and are dropped. One host sync (the per-expert counts)
+        per call. `split` and `unbind` (not slicing / indexing per expert) keep the backward to one gradient
+        buffer for the gathered tokens and one per weight tensor, instead of a full-size one per expert.
         """
         width = top_k_index.shape[-1]
         slots = top_k_index.reshape(-1)
-        order = torch.argsort(slots, stable=True)
-        counts = torch.bincount(slots, minlength=self.num_experts + 1)[: self.num_experts].tolist()
-        slot_weights = top_k_weights.reshape(-1)[order]
-        slot_tokens = order // width
+        counts = torch.bincount(slots, minlength=self.num_experts + 1).tolist()
+        used = slots.numel() - counts[self.num_experts]
+        order = torch.argsort(slots, stable=True)[:used]
+        tokens = order // width
+        states = hidden_states.index_select(0, tokens)
+        gate_up_proj, down_proj = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+        outputs = [
+            self.expert(chunk, gate_up_proj[expert_idx], down_proj[expert_idx])
+            for expert_idx, chunk in enumerate(states.split(counts[: self.num_experts]))
+            if chunk.shape[0]
+        ]
         output = torch.zeros_like(hidden_states)
-        start = 0
-        for expert_idx, count in enumerate(counts):
-            if count:
-                tokens = slot_tokens[start : start + count]
-                out = self.expert(hidden_states[tokens], expert_idx) * slot_weights[start : start + count, None]
-                output.index_add_(0, tokens, out.to(output.dtype))
-            start += count
+        if outputs:
+            weighted = torch.cat(outputs) * top_k_weights.reshape(-1)[order, None]
+            output.index_add_(0, tokens, weighted.to(output.dtype))
         return output
 
     @torch.no_grad()
@@ -82,16 +87,19 @@ class MoEExperts(nn.Module):
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         """Inference on a handful of tokens (decoding): a plain loop over each token's chosen experts, so
-        the cost is exactly the weights read, with no sort, one-hot or scatter. Same shapes as `forward`."""
+        the cost is exactly the weights read, with no sort, gather or scatter. Same shapes as `forward`."""
         rows = []
         for token, experts, weights in zip(hidden_states, top_k_index.tolist(), top_k_weights.tolist(), strict=True):
             token = token[None]
             out = None
             for expert_idx, weight in zip(experts, weights, strict=True):
                 if expert_idx < self.num_experts:
-                    y = self.expert(token, expert_idx)
-                    out = y * weight if out is None else out.add_(y, alpha=weight)
-            rows.append(out)
+                    y = self.expert(token, self.gate_up_proj[expert_idx], self.down_proj[expert_idx])
+                    if out is None:
+                        out = y if weight == 1.0 else y.mul_(weight)
+                    else:
+                        out.add_(y, alpha=weight)
+            rows.append(out if out is not None else torch.zeros_like(token))
         return torch.cat(rows).to(hidden_states.dtype)
 
 
@@ -99,8 +107,8 @@ class MoEBlock(nn.Module):
     """The MoE layer that replaces a decoder layer's FFN: router + experts, (B, L, H) -> (B, L, H).
 
     The decoder layer only passes hidden states, so the model sets the per-token masks of the current
-    forward on the block (`token_mask`: real tokens, `vision_mask`: image tokens, both (B, L)) and reads
-    back the `Routing` it made (`pop_routing`).
+    forward on the block (`token_mask`: real tokens, `vision_mask`: image tokens, both (B, L)) and whether a
+    load-balancing loss is wanted (`with_aux_loss`), and reads back the `Routing` it made (`pop_routing`).
     """
 
     def __init__(self, config: MoEConfigBase, layer_idx: int):
@@ -114,12 +122,16 @@ class MoEBlock(nn.Module):
             self.experts._is_expert_parallel = True
         self.token_mask: torch.Tensor | None = None
         self.vision_mask: torch.Tensor | None = None
+        self.with_aux_loss = True
         self.routing: Routing | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_size, seq_len, hidden_dim = hidden_states.shape
         flat = hidden_states.reshape(-1, hidden_dim)
-        routing = self.router(flat, _flatten(self.token_mask), _flatten(self.vision_mask))
+        token_mask, vision_mask = _flatten(self.token_mask), _flatten(self.vision_mask)
+        routing = self.router(flat, token_mask, vision_mask)
+        if self.with_aux_loss:
+            routing.aux_loss = self.router.aux_loss(routing, token_mask, vision_mask)
         if flat.device.type == "cpu" and flat.shape[0] <= DECODE_PATH_MAX_TOKENS and not torch.is_grad_enabled():
             out = self.experts.decode_forward(flat, routing.expert_indices, routing.expert_weights)
         else:
@@ -222,6 +234,13 @@ class MoEModelMixin:
             module._is_hf_initialized = True
         super().initialize_weights()
 
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        # transformers defaults to grouped_mm, which on CPU is about 2x slower than our sort-based eager loop
+        # (benchmarks/moe_layer.py); keep grouped_mm wherever CUDA is present.
+        if requested_experts is None and not torch.cuda.is_available():
+            return "eager"
+        return super().get_correct_experts_implementation(requested_experts)
+
     def update_difficulty_thresholds(self) -> dict[int, list[float]]:
         """Move every DARE layer's thresholds toward the quantiles of the difficulties predicted since the
         last call (once per optimizer step; `hf_dare.training.DareCallback` calls it). Returns the new
@@ -234,14 +253,17 @@ class MoEModelMixin:
                     updated[block.layer_idx] = thresholds.tolist()
         return updated
 
-    def _set_token_masks(
-        self, attention_mask: torch.Tensor | None, seq_len: int, vision_mask: torch.Tensor | None
+    def _prepare_moe_blocks(
+        self, attention_mask: torch.Tensor | None, seq_len: int, vision_mask: torch.Tensor | None, with_losses: bool
     ) -> torch.Tensor | None:
+        """Hand every MoE block this forward's token masks; returns the (B, L) real-token mask or None.
+        The load-balancing loss is only computed when it can be used (training, or labels given)."""
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -seq_len:].bool()
         for block in self.moe_blocks:
             block.token_mask, block.vision_mask = token_mask, vision_mask
+            block.with_aux_loss = with_losses
         return token_mask
 
     def _routing_outputs(
@@ -256,7 +278,8 @@ class MoEModelMixin:
         """Losses and routing statistics of the forward that just ran."""
         config = self.config
         routings = [block.pop_routing() for block in self.moe_blocks]
-        aux_loss = torch.stack([r.aux_loss for r in routings]).mean() if routings else None
+        aux_losses = [r.aux_loss for r in routings if r.aux_loss is not None]
+        aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
         dare = [r.difficulty.view(batch_size, seq_len) for r in routings if r.difficulty is not None]
         if self.training and dare:
             for block, difficulty in zip(
@@ -340,7 +363,7 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         """Like any transformers causal LM; with `labels`, `loss` = CE + alpha * L_diff + beta * L_lb."""
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        token_mask = self._set_token_masks(attention_mask, seq_len, vision_mask=None)
+        token_mask = self._prepare_moe_blocks(attention_mask, seq_len, None, self.training or labels is not None)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -419,7 +442,8 @@ class MoELlavaForConditionalGeneration(MoELlavaPreTrainedModel, LlavaForConditio
                 torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
             )
             vision_mask = (inputs_embeds == image_embedding).all(-1)
-        token_mask = self._set_token_masks(attention_mask, vision_mask.shape[1], vision_mask)
+        with_losses = self.training or labels is not None
+        token_mask = self._prepare_moe_blocks(attention_mask, vision_mask.shape[1], vision_mask, with_losses)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,

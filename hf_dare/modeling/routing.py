@@ -22,8 +22,8 @@ class Routing:
     - `expert_indices` (T, K) long, experts by descending probability, `num_experts` in unused slots
     - `expert_weights` (T, K), 0 in unused slots, sum 1 per token
     - `expert_counts` (T,) long: experts used per token
-    - `aux_loss`: the layer's load-balancing loss, scalar
     - `difficulty` (T,): DARE's predicted difficulty, else None
+    - `aux_loss`: the layer's load-balancing loss (scalar), once `router.aux_loss` has been asked for it
     """
 
     router_logits: torch.Tensor
@@ -31,8 +31,8 @@ class Routing:
     expert_indices: torch.Tensor
     expert_weights: torch.Tensor
     expert_counts: torch.Tensor
-    aux_loss: torch.Tensor
     difficulty: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
 
 
 def load_balancing_loss(
@@ -105,8 +105,13 @@ class TopKRouter(nn.Module):
             expert_indices=indices,
             expert_weights=weights.to(hidden_states.dtype),
             expert_counts=expert_counts,
-            aux_loss=load_balancing_loss(router_probs, indices, token_mask),
         )
+
+    def aux_loss(
+        self, routing: Routing, token_mask: torch.Tensor | None = None, vision_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The load-balancing loss of `routing` over the tokens this router balances: all real tokens."""
+        return load_balancing_loss(routing.router_probs, routing.expert_indices, token_mask)
 
 
 class DifficultyPredictor(nn.Module):
@@ -226,7 +231,6 @@ class DareRouter(TopKRouter):
             expert_indices=indices,
             expert_weights=weights.to(hidden_states.dtype),
             expert_counts=expert_counts,
-            aux_loss=load_balancing_loss(router_probs, indices, token_mask),
             difficulty=difficulty,
         )
 
@@ -260,17 +264,22 @@ class LtdrRouter(TopKRouter):
         tail = self.tail_tokens(router_probs, vision_mask, token_mask)
         expert_counts = torch.where(tail, self.tail_top_a, self.num_experts_per_tok)
         indices, weights = route_top_n(router_probs, expert_counts, self.tail_top_a)
-        language = (
-            token_mask if vision_mask is None else ~vision_mask if token_mask is None else token_mask & ~vision_mask
-        )
         return Routing(
             router_logits=router_logits,
             router_probs=router_probs,
             expert_indices=indices,
             expert_weights=weights.to(hidden_states.dtype),
             expert_counts=expert_counts,
-            aux_loss=load_balancing_loss(router_probs, indices, language),
         )
+
+    def aux_loss(
+        self, routing: Routing, token_mask: torch.Tensor | None = None, vision_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The load-balancing loss over language tokens only: vision tokens get no balancing term."""
+        language = token_mask
+        if vision_mask is not None:
+            language = ~vision_mask if token_mask is None else token_mask & ~vision_mask
+        return load_balancing_loss(routing.router_probs, routing.expert_indices, language)
 
 
 ROUTER_CLASSES = {"top_k": TopKRouter, "dare": DareRouter, "ltdr": LtdrRouter}

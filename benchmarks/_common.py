@@ -1,0 +1,68 @@
+"""Helpers shared by the benchmark scripts: timing, thread setup, and forcing DARE's Avg K."""
+
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from hf_dare.modeling.routing import DareRouter
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def keep_freed_memory() -> None:
+    """Re-run this script with glibc malloc told to keep freed memory (as jemalloc / tcmalloc do): otherwise
+    every large activation is a fresh mmap whose page faults (sys time) add noise to CPU timings."""
+    if sys.platform == "linux" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = os.environ["MALLOC_TRIM_THRESHOLD_"] = str(1 << 34)
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
+def setup_threads(threads: int) -> str:
+    """Pin torch's intra-/inter-op threads; returns a line describing the machine for the report."""
+    torch.set_num_threads(threads)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}"
+
+
+def time_side_by_side(cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Best (minimum) seconds per call of each case over `repeats`. Repeats are interleaved across the cases
+    (round robin) so a slow phase of a shared machine hits every case alike; the minimum is the least
+    disturbed run (other jobs only ever add time)."""
+    for _ in range(warmup):
+        for fn in cases.values():
+            fn()
+    times = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(values) for name, values in times.items()}
+
+
+@torch.no_grad()
+def force_dare_avg_k(router: DareRouter, hidden_states: torch.Tensor, avg_k: float) -> None:
+    """Set a DARE router's thresholds so that, on `hidden_states` (T, H), a fraction `avg_k - 1` of the
+    tokens (the most difficult by the predictor) uses 2 experts and the rest 1: Avg K = `avg_k`.
+
+    Equivalent to thresholds at the quantiles of Pi = (2 - avg_k, avg_k - 1, 0, ...). A random-weights
+    model has no meaningful difficulty, so this is how the benchmarks fix the Avg K to compare at.
+    """
+    if not 1.0 <= avg_k <= 2.0:
+        raise ValueError(f"avg_k must be in [1, 2] (tokens use 1 or 2 experts), got {avg_k}")
+    was_training = router.training
+    router.eval()
+    difficulty = router.difficulty_predictor(hidden_states).float()
+    router.train(was_training)
+    thresholds = router.threshold_tracker.thresholds
+    tau_1 = torch.quantile(difficulty, 2.0 - avg_k) if avg_k > 1.0 else difficulty.max() + 1.0
+    top = difficulty.max().item()
+    new = [tau_1.item()] + [top + 1.0 + j for j in range(thresholds.numel() - 1)]
+    thresholds.copy_(torch.tensor(new, dtype=thresholds.dtype))

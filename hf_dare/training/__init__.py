@@ -1,0 +1,30 @@
+"""Training hf-dare's MoE models with the transformers `Trainer`: DARE threshold updates, routing metrics in
+the logs, a separate learning rate for the difficulty predictors, LLaVA-format data and the three stages."""
+
+from .callbacks import DareCallback, set_threshold_update_mode, unwrap_model
+from .data import LlavaDataCollator, conversation_to_messages, load_llava_dataset
+from .metrics import RoutingMetrics, threshold_metrics
+from .optim import create_optimizer, difficulty_predictor_param_groups, predictor_optimizer_cls_and_kwargs
+from .stages import STAGES, TrainingStage, apply_stage, get_stage
+from .trainer import MoETrainer, MoETrainerMixin, MoETrainingArguments
+
+__all__ = [
+    "STAGES",
+    "DareCallback",
+    "LlavaDataCollator",
+    "MoETrainer",
+    "MoETrainerMixin",
+    "MoETrainingArguments",
+    "RoutingMetrics",
+    "TrainingStage",
+    "apply_stage",
+    "conversation_to_messages",
+    "create_optimizer",
+    "difficulty_predictor_param_groups",
+    "get_stage",
+    "load_llava_dataset",
+    "predictor_optimizer_cls_and_kwargs",
+    "set_threshold_update_mode",
+    "threshold_metrics",
+    "unwrap_model",
+]

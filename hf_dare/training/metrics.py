@@ -1,0 +1,141 @@
+"""Routing statistics accumulated over the forwards of a logging interval: losses, Avg K (per layer and per
+modality), the distribution of experts per token and the expert load balance."""
+
+import torch
+from torch import nn
+
+from hf_dare.modeling import MoEBlock
+from hf_dare.modeling.routing import DareRouter
+
+
+class RoutingMetrics:
+    """Running sums over the forwards since the last `compute()`, kept on the device (no host sync per step)
+    and summed across ranks in `compute()` (every rank must call it together).
+
+    Keys of `compute()`: `loss/ce` (token-weighted), `loss/difficulty`, `loss/aux` (means over forwards);
+    `routing/avg_k`, `routing/avg_k_layer_{i}`, `routing/avg_k_text`, `routing/avg_k_vision`,
+    `routing/frac_{n}_experts` (share of tokens using n experts, n = 1..width, all layers),
+    `routing/load_cv_layer_{i}` (coefficient of variation of the mean `expert_load`: 0 = balanced).
+    """
+
+    def __init__(self, layer_indices: list[int], num_experts: int, width: int):
+        self.layer_indices = list(layer_indices)
+        self.num_experts = num_experts
+        self.width = width
+        num_layers = len(self.layer_indices)
+        self._shapes = {
+            "ce_nll": (1,),
+            "ce_tokens": (1,),
+            "difficulty": (1,),
+            "difficulty_forwards": (1,),
+            "aux": (1,),
+            "aux_forwards": (1,),
+            "k_sum": (num_layers, 2),  # [text, vision]
+            "k_tokens": (num_layers, 2),
+            "k_hist": (num_layers, width + 1),
+            "load": (num_layers, num_experts),
+            "load_forwards": (1,),
+        }
+        self.sums: dict[str, torch.Tensor] = {}
+        self.reset()
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> "RoutingMetrics":
+        """Sized for `model`'s MoE layers (none for a dense model: then only the losses are tracked)."""
+        blocks = [m for m in model.modules() if isinstance(m, MoEBlock)]
+        config = getattr(model, "config", None)
+        if not blocks or config is None:
+            return cls([], 1, 1)
+        return cls([b.layer_idx for b in blocks], config.num_experts, config.max_experts_per_token)
+
+    def reset(self, device: torch.device | str = "cpu") -> None:
+        self.sums = {
+            name: torch.zeros(shape, dtype=torch.float64, device=device) for name, shape in self._shapes.items()
+        }
+
+    @torch.no_grad()
+    def update(self, outputs, labels: torch.Tensor | None = None, num_items_in_batch=None) -> None:
+        """Add one forward's `MoEOutputWithPast` (anything without its fields is skipped). `labels` (B, L) and
+        the `num_items_in_batch` the model normalised its CE by give the token-weighted CE."""
+        get = outputs.get if isinstance(outputs, dict) else lambda key: getattr(outputs, key, None)
+        sums = self._on_device(get("logits"))
+        ce_loss = get("ce_loss")
+        if ce_loss is not None and labels is not None:
+            text_tokens = (labels[:, 1:] != -100).sum()
+            count = text_tokens if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
+            sums["ce_nll"] += ce_loss.detach().double() * count.to(sums["ce_nll"].device).clamp(min=1)
+            sums["ce_tokens"] += text_tokens.to(sums["ce_tokens"].device)
+        if get("difficulty_loss") is not None:
+            sums["difficulty"] += get("difficulty_loss").detach().double()
+            sums["difficulty_forwards"] += 1
+        if get("aux_loss") is not None:
+            sums["aux"] += get("aux_loss").detach().double()
+            sums["aux_forwards"] += 1
+
+        expert_counts = get("expert_counts")
+        if not expert_counts or len(expert_counts) != len(self.layer_indices):
+            return
+        real = get("token_mask")
+        real = torch.ones_like(expert_counts[0], dtype=torch.bool) if real is None else real
+        vision = get("vision_mask")
+        vision = torch.zeros_like(real) if vision is None else vision
+        masks = torch.stack([real & ~vision, real & vision], dim=-1).double()  # (B, L, 2)
+        for i, counts in enumerate(expert_counts):
+            sums["k_sum"][i] += (counts.double()[..., None] * masks).sum((0, 1))
+            sums["k_tokens"][i] += masks.sum((0, 1))
+            sums["k_hist"][i] += torch.bincount(counts[real].clamp(max=self.width), minlength=self.width + 1).double()
+        sums["load"] += torch.stack([load.detach().double() for load in get("expert_load")])
+        sums["load_forwards"] += 1
+
+    def _on_device(self, reference: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        if reference is not None and self.sums["ce_nll"].device != reference.device:
+            self.sums = {name: value.to(reference.device) for name, value in self.sums.items()}
+        return self.sums
+
+    def compute(self, device: torch.device | str | None = None) -> dict[str, float]:
+        """The averages since the last call (summed across ranks under torch.distributed), then reset."""
+        device = device if device is not None else self.sums["ce_nll"].device
+        names = list(self._shapes)
+        flat = torch.cat([self.sums[name].to(device).flatten() for name in names])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flat)
+        sums, offset = {}, 0
+        for name in names:
+            size = self.sums[name].numel()
+            sums[name] = flat[offset : offset + size].view(self._shapes[name]).cpu()
+            offset += size
+        self.reset(device)
+
+        metrics = {}
+        if sums["ce_tokens"].item() > 0:
+            metrics["loss/ce"] = (sums["ce_nll"] / sums["ce_tokens"]).item()
+        if sums["difficulty_forwards"].item() > 0:
+            metrics["loss/difficulty"] = (sums["difficulty"] / sums["difficulty_forwards"]).item()
+        if sums["aux_forwards"].item() > 0:
+            metrics["loss/aux"] = (sums["aux"] / sums["aux_forwards"]).item()
+        if not self.layer_indices or sums["k_tokens"].sum().item() == 0:
+            return metrics
+        metrics["routing/avg_k"] = (sums["k_sum"].sum() / sums["k_tokens"].sum()).item()
+        for modality, column in (("text", 0), ("vision", 1)):
+            if sums["k_tokens"][:, column].sum().item() > 0:
+                value = sums["k_sum"][:, column].sum() / sums["k_tokens"][:, column].sum()
+                metrics[f"routing/avg_k_{modality}"] = value.item()
+        hist = sums["k_hist"].sum(0)
+        for n in range(1, self.width + 1):
+            metrics[f"routing/frac_{n}_experts"] = (hist[n] / hist.sum().clamp(min=1)).item()
+        load = sums["load"] / sums["load_forwards"].clamp(min=1)
+        for i, layer_idx in enumerate(self.layer_indices):
+            metrics[f"routing/avg_k_layer_{layer_idx}"] = (sums["k_sum"][i].sum() / sums["k_tokens"][i].sum()).item()
+            cv = load[i].std(unbiased=False) / load[i].mean().clamp(min=1e-12)
+            metrics[f"routing/load_cv_layer_{layer_idx}"] = cv.item()
+        return metrics
+
+
+def threshold_metrics(model: nn.Module) -> dict[str, float]:
+    """`routing/threshold_layer_{i}_{j}`: tau_j (j = 1..M-1) of every DARE layer."""
+    metrics = {}
+    for module in model.modules():
+        if isinstance(module, MoEBlock) and isinstance(module.router, DareRouter):
+            for j, tau in enumerate(module.router.threshold_tracker.thresholds.tolist(), start=1):
+                metrics[f"routing/threshold_layer_{module.layer_idx}_{j}"] = tau
+    return metrics

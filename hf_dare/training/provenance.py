@@ -1,0 +1,46 @@
+"""What a training run leaves in the model's config, for the model card written by `save_pretrained`:
+the stage (steps, what was trained, final losses) and the last routing statistics."""
+
+from transformers import Trainer
+
+from .callbacks import unwrap_model
+from .stages import TrainingStage, get_stage
+
+
+def _last_logged(log_history: list[dict], prefix: str) -> dict[str, float]:
+    values = {}
+    for entry in log_history:
+        values.update({k.removeprefix(prefix): v for k, v in entry.items() if k.startswith(prefix)})
+    return values
+
+
+def record_training_stage(trainer: Trainer, stage: str | TrainingStage) -> dict:
+    """Append this run to `model.config.training_stages` and store its last routing metrics as
+    `model.config.routing_statistics`; call after `trainer.train()`, before saving. Returns the record."""
+    stage = get_stage(stage)
+    model = unwrap_model(trainer.model)
+    history = trainer.state.log_history
+    losses = _last_logged(history, "loss/")
+    train_loss = [entry["loss"] for entry in history if "loss" in entry]
+    if train_loss:
+        losses = {"total": train_loss[-1], **losses}
+    record = {
+        "name": stage.name,
+        "description": stage.description,
+        "steps": trainer.state.global_step,
+        "trained": [pattern.strip("^()|\\.") for pattern in stage.trainable],
+        "losses": losses,
+    }
+    config = model.config
+    config.training_stages = [*(getattr(config, "training_stages", None) or []), record]
+    routing = _last_logged(history, "routing/")
+    if routing and hasattr(config, "routing_statistics"):
+        per_layer = sorted((int(k.rsplit("_", 1)[1]), v) for k, v in routing.items() if k.startswith("avg_k_layer_"))
+        config.routing_statistics = {
+            "avg_k": routing.get("avg_k"),
+            "avg_k_text": routing.get("avg_k_text"),
+            "avg_k_vision": routing.get("avg_k_vision"),
+            "avg_k_per_layer": [v for _, v in per_layer],
+            "thresholds": [v for k, v in sorted(routing.items()) if k.startswith("threshold_")],
+        }
+    return record

@@ -4,7 +4,7 @@
     python examples/digits_vqa.py --out runs/digits_quick --quick  # a few steps, to check the pipeline
 
 1. data: scikit-learn digits + scikit-image photos as LLaVA conversations (examples/digits_vqa_data.py);
-2. a tiny decoder (Qwen2 layout) and a tiny CLIP vision tower, both from scratch, joined into a dense
+2. a tiny decoder (Qwen3 layout) and a tiny CLIP vision tower, both from scratch, joined into a dense
    transformers LLaVA with `hf_dare.conversion.build_llava` (what `hf-dare build` runs);
 3. stage 1 (projector), stage 2 (projector + LLM; here the vision tower too, as it starts untrained);
 4. `hf_dare.conversion.upcycle` (what `hf-dare upcycle` runs) into 4 experts on every other layer, once per
@@ -27,8 +27,8 @@ from transformers import (
     CLIPImageProcessorPil,
     CLIPVisionConfig,
     CLIPVisionModel,
-    Qwen2Config,
-    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 import hf_dare  # noqa: F401  (registers the MoE models with the Auto classes)
@@ -37,14 +37,22 @@ from hf_dare.conversion.upcycle import upcycle
 from hf_dare.evaluation import evaluate_vqa, generation_throughput
 from hf_dare.flops import activated_parameters_at
 from hf_dare.report import write_report
-from hf_dare.training import LlavaDataCollator, MoETrainer, TrainingStage, apply_stage, load_llava_dataset
-from hf_dare.training.provenance import record_training_stage
+from hf_dare.training import (
+    LlavaDataCollator,
+    MoETrainer,
+    TrainingStage,
+    apply_stage,
+    load_llava_dataset,
+    record_training_stage,
+)
 from hf_dare.training.stages import LANGUAGE_MODEL, LM_HEAD, PROJECTOR
 
 sys.path.insert(0, str(Path(__file__).parent))
 from digits_vqa_data import IMAGE_SIZE, make_digits_vqa, word_level_tokenizer  # noqa: E402
 
 VISION_TOWER = r"(^|\.)vision_tower\."
+# DARE's Pi over 1..4 experts: expected Avg K = 0.7 + 0.4 + 0.24 + 0.08 = 1.42.
+TARGET_DISTRIBUTION = (0.7, 0.2, 0.08, 0.02)
 ROUTERS = ("top_k", "dare", "ltdr")
 
 
@@ -56,7 +64,7 @@ class RunSize:
     batch_size: int
 
 
-FULL = RunSize(train_samples=4000, test_samples=400, steps=(150, 900, 400), batch_size=16)
+FULL = RunSize(train_samples=6000, test_samples=500, steps=(200, 2000, 800), batch_size=16)
 QUICK = RunSize(train_samples=64, test_samples=16, steps=(2, 3, 3), batch_size=4)
 
 # Tiny from-scratch models: the learning rates are larger than the paper's fine-tuning ones.
@@ -82,20 +90,23 @@ def build_starting_point(out: Path, seed: int) -> Path:
     """A dense LLaVA from a tiny decoder and a tiny CLIP vision tower, both randomly initialised."""
     torch.manual_seed(seed)
     tokenizer = word_level_tokenizer()
-    text_config = Qwen2Config(
+    # Qwen3 layout: transformers 5 re-reads a tokenizer saved beside a `qwen2` config as Qwen2's own BPE
+    # tokenizer (its AutoTokenizer forces the class for that model type), which breaks our word-level one.
+    text_config = Qwen3Config(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=192,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
+        head_dim=16,
         max_position_embeddings=256,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
-    llm = Qwen2ForCausalLM(text_config)
+    llm = Qwen3ForCausalLM(text_config)
     llm.save_pretrained(out / "llm")
     tokenizer.save_pretrained(out / "llm")
     vision_config = CLIPVisionConfig(
@@ -156,7 +167,15 @@ def run(out: Path, size: RunSize, routers: tuple[str, ...], seed: int = 0) -> di
 
     results = {}
     for router in routers:
-        moe = upcycle(dense, out / f"upcycled_{router}", num_experts=4, router=router, seed=seed, overwrite=True)
+        moe = upcycle(
+            dense,
+            out / f"upcycled_{router}",
+            num_experts=4,
+            router=router,
+            target_distribution=TARGET_DISTRIBUTION if router == "dare" else None,
+            seed=seed,
+            overwrite=True,
+        )
         final = train_stage(moe, out / f"stage3_{router}", stage3, data, size, size.steps[2], seed)
         model = AutoModelForImageTextToText.from_pretrained(final).eval()
         processor = AutoProcessor.from_pretrained(final)
@@ -203,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few steps on a few samples (CI)")
     parser.add_argument("--routers", default=",".join(ROUTERS), help="comma-separated subset of top_k,dare,ltdr")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models run best on one)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    torch.set_num_threads(args.threads)
     run(args.out, QUICK if args.quick else FULL, tuple(args.routers.split(",")), args.seed)
     return 0
 

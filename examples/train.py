@@ -23,6 +23,7 @@ from hf_dare.training import (
     MoETrainer,
     apply_stage,
     load_llava_dataset,
+    record_training_stage,
 )
 
 
@@ -92,6 +93,7 @@ def main(argv=None) -> MoETrainer:
         processing_class=processor,
     )
     trainer.train(resume_from_checkpoint=args.resume)
+    record_training_stage(trainer, stage)  # the model card lists the stages and the routing statistics
     trainer.save_model(args.output)
     if trainer.is_world_process_zero():
         processor.save_pretrained(args.output)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import evaluate
 import pytest
+from transformers import AutoProcessor
 
 from hf_dare.evaluation import VQA_ACCURACY, VqaEvaluation
 from hf_dare.report import accuracy_by_difficulty, write_report
@@ -90,6 +91,10 @@ def test_quick_pipeline_runs_every_stage_and_router(tmp_path):
         card = (model_dir / "README.md").read_text()
         assert "| stage3 |" in card and "## Routing statistics" in card, router
     assert (Path(results["dare"]["model"]) / "report" / "difficulty.png").is_file()
+    # The word-level tokenizer survives every save / load of the pipeline (build, stages, upcycle).
+    tokenizer = AutoProcessor.from_pretrained(results["dare"]["model"]).tokenizer
+    ids = tokenizer("is the digit even ? yes")["input_ids"]
+    assert len(ids) == 6 and tokenizer.unk_token_id not in ids
 
 
 def test_report_command_evaluates_a_saved_model_and_writes_the_plots(tmp_path):

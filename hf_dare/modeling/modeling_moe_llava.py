@@ -266,6 +266,25 @@ class MoEModelMixin:
             block.with_aux_loss = with_losses
         return token_mask
 
+    def _moe_output(
+        self, outputs, labels, token_mask, num_items_in_batch, logits_to_keep, **extra
+    ) -> MoEOutputWithPast:
+        """The LM head on the decoder's output, then this forward's losses and routing statistics."""
+        hidden_states = outputs.last_hidden_state
+        if labels is None and isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = self.lm_head(hidden_states)
+        batch_size, seq_len = outputs.last_hidden_state.shape[:2]
+        routing = self._routing_outputs(logits, labels, token_mask, num_items_in_batch, batch_size, seq_len)
+        return MoEOutputWithPast(
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **routing,
+            **extra,
+        )
+
     def _routing_outputs(
         self,
         logits: torch.Tensor,
@@ -373,20 +392,7 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        if labels is None and isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        logits = self.lm_head(hidden_states)
-        routing = self._routing_outputs(
-            logits, labels, token_mask, num_items_in_batch, *outputs.last_hidden_state.shape[:2]
-        )
-        return MoEOutputWithPast(
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            **routing,
-        )
+        return self._moe_output(outputs, labels, token_mask, num_items_in_batch, logits_to_keep)
 
 
 class MoELlavaPreTrainedModel(MoEModelMixin, LlavaPreTrainedModel):
@@ -453,19 +459,14 @@ class MoELlavaForConditionalGeneration(MoELlavaPreTrainedModel, LlavaForConditio
             inputs_embeds=inputs_embeds,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        if labels is None and isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        logits = self.lm_head(hidden_states)
-        routing = self._routing_outputs(logits, labels, token_mask, num_items_in_batch, *vision_mask.shape)
-        return MoEOutputWithPast(
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
+        return self._moe_output(
+            outputs,
+            labels,
+            token_mask,
+            num_items_in_batch,
+            logits_to_keep,
             vision_mask=vision_mask,
             image_hidden_states=outputs.image_hidden_states,
-            **routing,
         )
 
 

@@ -98,13 +98,26 @@ class TopKRouter(nn.Module):
         """`hidden_states` (T, H); `token_mask` (T,) real (non-padding) tokens; `vision_mask` (T,) image tokens."""
         router_logits, router_probs = self.router_probs(hidden_states)
         expert_counts = torch.full_like(router_probs[:, 0], self.num_experts_per_tok, dtype=torch.long)
-        indices, weights = route_top_n(router_probs, expert_counts, self.num_experts_per_tok)
+        return self.route(router_logits, router_probs, expert_counts, self.num_experts_per_tok, hidden_states.dtype)
+
+    def route(
+        self,
+        router_logits: torch.Tensor,
+        router_probs: torch.Tensor,
+        expert_counts: torch.Tensor,
+        width: int,
+        dtype: torch.dtype,
+        difficulty: torch.Tensor | None = None,
+    ) -> Routing:
+        """The `Routing` that sends each token to its top-`expert_counts[t]` experts, padded to `width`."""
+        indices, weights = route_top_n(router_probs, expert_counts, width)
         return Routing(
             router_logits=router_logits,
             router_probs=router_probs,
             expert_indices=indices,
-            expert_weights=weights.to(hidden_states.dtype),
+            expert_weights=weights.to(dtype),
             expert_counts=expert_counts,
+            difficulty=difficulty,
         )
 
     def aux_loss(
@@ -224,14 +237,8 @@ class DareRouter(TopKRouter):
         router_logits, router_probs = self.router_probs(hidden_states)
         difficulty = self.difficulty_predictor(hidden_states.detach() if self.detach_input else hidden_states)
         expert_counts = self.threshold_tracker.expert_counts(difficulty)
-        indices, weights = route_top_n(router_probs, expert_counts, self.max_experts)
-        return Routing(
-            router_logits=router_logits,
-            router_probs=router_probs,
-            expert_indices=indices,
-            expert_weights=weights.to(hidden_states.dtype),
-            expert_counts=expert_counts,
-            difficulty=difficulty,
+        return self.route(
+            router_logits, router_probs, expert_counts, self.max_experts, hidden_states.dtype, difficulty
         )
 
 
@@ -263,14 +270,7 @@ class LtdrRouter(TopKRouter):
         router_logits, router_probs = self.router_probs(hidden_states)
         tail = self.tail_tokens(router_probs, vision_mask, token_mask)
         expert_counts = torch.where(tail, self.tail_top_a, self.num_experts_per_tok)
-        indices, weights = route_top_n(router_probs, expert_counts, self.tail_top_a)
-        return Routing(
-            router_logits=router_logits,
-            router_probs=router_probs,
-            expert_indices=indices,
-            expert_weights=weights.to(hidden_states.dtype),
-            expert_counts=expert_counts,
-        )
+        return self.route(router_logits, router_probs, expert_counts, self.tail_top_a, hidden_states.dtype)
 
     def aux_loss(
         self, routing: Routing, token_mask: torch.Tensor | None = None, vision_mask: torch.Tensor | None = None

@@ -5,6 +5,7 @@ from .callbacks import DareCallback, set_threshold_update_mode, unwrap_model
 from .data import LlavaDataCollator, conversation_to_messages, load_llava_dataset
 from .metrics import RoutingMetrics, threshold_metrics
 from .optim import create_optimizer, difficulty_predictor_param_groups, predictor_optimizer_cls_and_kwargs
+from .provenance import record_training_stage
 from .stages import STAGES, TrainingStage, apply_stage, get_stage
 from .trainer import MoETrainer, MoETrainerMixin, MoETrainingArguments
 
@@ -24,6 +25,7 @@ __all__ = [
     "get_stage",
     "load_llava_dataset",
     "predictor_optimizer_cls_and_kwargs",
+    "record_training_stage",
     "set_threshold_update_mode",
     "threshold_metrics",
     "unwrap_model",

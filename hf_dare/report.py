@@ -44,8 +44,16 @@ def write_report(evaluation: VqaEvaluation, out_dir: str | Path, title: str = ""
     layers = sorted(int(k.rsplit("_", 1)[1]) for k in routing if k.startswith("routing/avg_k_layer_"))
     if layers:
         fig, (by_layer, by_modality) = plt.subplots(1, 2, figsize=(10, 3.5), gridspec_kw={"width_ratios": [3, 1]})
-        by_layer.bar([str(i) for i in layers], [routing[f"routing/avg_k_layer_{i}"] for i in layers], color="#4c72b0")
-        by_layer.set(xlabel="MoE layer", ylabel="Avg K (experts per token)", title="Avg K per layer")
+        groups = [("all", "routing/avg_k_layer_{}", "#4c72b0"), ("text", "routing/avg_k_text_layer_{}", "#55a868")]
+        groups.append(("vision", "routing/avg_k_vision_layer_{}", "#c44e52"))
+        groups = [g for g in groups if all(g[1].format(i) in routing for i in layers)]
+        width = 0.8 / len(groups)
+        for n, (label, key, color) in enumerate(groups):
+            positions = np.arange(len(layers)) + (n - (len(groups) - 1) / 2) * width
+            by_layer.bar(positions, [routing[key.format(i)] for i in layers], width, label=label, color=color)
+        by_layer.set_xticks(range(len(layers)), [str(i) for i in layers])
+        by_layer.set(xlabel="MoE layer", ylabel="Avg K (experts per token)", title="Avg K per layer and modality")
+        by_layer.legend(fontsize=8)
         modalities = [m for m in ("text", "vision") if f"routing/avg_k_{m}" in routing]
         by_modality.bar(modalities, [routing[f"routing/avg_k_{m}"] for m in modalities], color=["#55a868", "#c44e52"])
         by_modality.set(title="Avg K per modality")
@@ -57,13 +65,14 @@ def write_report(evaluation: VqaEvaluation, out_dir: str | Path, title: str = ""
 
     if evaluation.expert_load:
         load = np.asarray(evaluation.expert_load)
-        fig, ax = plt.subplots(figsize=(5, 0.6 * len(load) + 1.5))
-        image = ax.imshow(load, cmap="viridis", vmin=0, aspect="auto")
-        ax.set(xlabel="expert", ylabel="MoE layer", title=f"Expert load (fraction of routed slots) {title}")
+        fig, ax = plt.subplots(figsize=(6, 0.6 * len(load) + 1.8))
+        image = ax.imshow(load, cmap="Blues", vmin=0, vmax=max(load.max(), 1e-9) * 1.5, aspect="auto")
+        ax.set(xlabel="expert", ylabel="MoE layer")
+        ax.set_title(f"Expert load (share of routed slots)\n{title}", fontsize=10)
         ax.set_xticks(range(load.shape[1]))
         ax.set_yticks(range(len(load)), [str(i) for i in layers] if len(layers) == len(load) else None)
         for (row, col), value in np.ndenumerate(load):
-            ax.text(col, row, f"{value:.2f}", ha="center", va="center", color="white", fontsize=8)
+            ax.text(col, row, f"{value:.2f}", ha="center", va="center", color="black", fontsize=8)
         fig.colorbar(image, ax=ax)
         fig.tight_layout()
         written.append(out_dir / "expert_load.png")

@@ -63,7 +63,13 @@ def test_accuracy_by_difficulty_bins_and_plots(tmp_path):
         correct=[True] * 5 + [False] * 5,
         true_difficulty=[0.1, 0.2, 0.3, 0.4, 0.5, 1.1, 1.2, 1.3, 1.4, 1.5],
         predicted_difficulty=[0.2, 0.2, 0.3, 0.5, 0.4, 1.0, 1.3, 1.2, 1.6, 1.4],
-        routing={"routing/avg_k_layer_0": 1.2, "routing/avg_k_layer_2": 1.4, "routing/avg_k_text": 1.3},
+        routing={
+            "routing/avg_k_layer_0": 1.2,
+            "routing/avg_k_layer_2": 1.4,
+            "routing/avg_k_text_layer_0": 1.1,
+            "routing/avg_k_text_layer_2": 1.3,
+            "routing/avg_k_text": 1.3,
+        },
         expert_load=[[0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]],
     )
     centres, accuracies = accuracy_by_difficulty(evaluation, bins=2)

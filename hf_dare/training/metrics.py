@@ -14,6 +14,7 @@ class RoutingMetrics:
 
     Keys of `compute()`: `loss/ce` (token-weighted), `loss/difficulty`, `loss/aux` (means over forwards);
     `routing/avg_k`, `routing/avg_k_layer_{i}`, `routing/avg_k_text`, `routing/avg_k_vision`,
+    `routing/avg_k_{text|vision}_layer_{i}`,
     `routing/frac_{n}_experts` (share of tokens using n experts, n = 1..width, all layers),
     `routing/load_cv_layer_{i}` (coefficient of variation of the mean `expert_load`: 0 = balanced).
     """
@@ -126,6 +127,10 @@ class RoutingMetrics:
         load = sums["load"] / sums["load_forwards"].clamp(min=1)
         for i, layer_idx in enumerate(self.layer_indices):
             metrics[f"routing/avg_k_layer_{layer_idx}"] = (sums["k_sum"][i].sum() / sums["k_tokens"][i].sum()).item()
+            for modality, column in (("text", 0), ("vision", 1)):
+                if sums["k_tokens"][i, column].item() > 0:
+                    value = sums["k_sum"][i, column] / sums["k_tokens"][i, column]
+                    metrics[f"routing/avg_k_{modality}_layer_{layer_idx}"] = value.item()
             cv = load[i].std(unbiased=False) / load[i].mean().clamp(min=1e-12)
             metrics[f"routing/load_cv_layer_{layer_idx}"] = cv.item()
         return metrics

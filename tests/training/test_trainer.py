@@ -164,6 +164,9 @@ def test_log_history_has_routing_metrics(tmp_path, llava_data, router):
         for layer_idx in model.config.moe_layers:
             assert 1.0 <= log[f"routing/avg_k_layer_{layer_idx}"] <= 4.0
             assert log[f"routing/load_cv_layer_{layer_idx}"] >= 0.0
+            # Per layer and modality: the layer's Avg K lies between its text and vision Avg K.
+            text, vision = log[f"routing/avg_k_text_layer_{layer_idx}"], log[f"routing/avg_k_vision_layer_{layer_idx}"]
+            assert min(text, vision) - 1e-6 <= log[f"routing/avg_k_layer_{layer_idx}"] <= max(text, vision) + 1e-6
         assert {"routing/avg_k_text", "routing/avg_k_vision"} <= log.keys()
         if router == "top_k":
             assert log["routing/avg_k"] == log["routing/avg_k_vision"] == log["routing/avg_k_text"] == 2.0

@@ -57,6 +57,21 @@ def image_tokens_per_image(vision_config: PreTrainedConfig, strategy: str) -> in
     return patches + (1 if has_cls and strategy == "full" else 0)
 
 
+def llava_processor(
+    image_processor, tokenizer, vision_config: PreTrainedConfig, strategy: str, image_token: str
+) -> LlavaProcessor:
+    """transformers' `LlavaProcessor` sized for `vision_config` (CLIP adds a CLS token, SigLIP does not)."""
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision_config.patch_size,
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=1 if vision_config.model_type == "clip_vision_model" else 0,
+        image_token=image_token,
+        chat_template=getattr(tokenizer, "chat_template", None),
+    )
+
+
 def add_image_token(tokenizer, image_token: str) -> int:
     """Add `image_token` as a special token unless the tokenizer has it; returns its id."""
     if image_token not in tokenizer.get_vocab():
@@ -124,15 +139,7 @@ def build_llava(
         model.tie_weights()
     model.to(language_model.dtype)
 
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=vision_config.patch_size,
-        vision_feature_select_strategy=vision_feature_select_strategy,
-        num_additional_image_tokens=1 if vision_config.model_type == "clip_vision_model" else 0,
-        image_token=image_token,
-        chat_template=getattr(tokenizer, "chat_template", None),
-    )
+    processor = llava_processor(image_processor, tokenizer, vision_config, vision_feature_select_strategy, image_token)
     command = command_line("build", "--llm", llm, "--vision", vision, out, "--image-token", image_token)
     command += f" --vision-feature-layer {vision_feature_layer}"
     command += f" --vision-feature-select-strategy {vision_feature_select_strategy} --seed {seed}"

@@ -22,14 +22,13 @@ from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoTokenizer,
-    LlavaProcessor,
     PreTrainedConfig,
     Qwen2Config,
     StableLmConfig,
 )
 
 from ..modeling import MoELlavaConfig
-from .build import add_image_token, image_tokens_per_image, vision_config_of
+from .build import add_image_token, image_tokens_per_image, llava_processor, vision_config_of
 from .checkpoint import (
     CheckpointReader,
     ConversionError,
@@ -311,15 +310,7 @@ def import_moellava(
     check_plan(plan, expected, f"MoELlavaForConditionalGeneration ({original['model_type']})", optional)
 
     image_processor = AutoImageProcessor.from_pretrained(vision_dir)
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tok,
-        patch_size=vision_config.patch_size,
-        vision_feature_select_strategy=strategy,
-        num_additional_image_tokens=1 if vision_config.model_type == "clip_vision_model" else 0,
-        image_token=image_token,
-        chat_template=getattr(tok, "chat_template", None),
-    )
+    processor = llava_processor(image_processor, tok, vision_config, strategy, image_token)
     with staged_output(out, overwrite) as staging:
         write_plan(in_reading_order(plan, reader), reader, staging, max_shard_size)
         save_config_and_code(config, model, staging)

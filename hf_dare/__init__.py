@@ -6,7 +6,7 @@ own code and load with `trust_remote_code=True` where hf_dare is not installed.
 """
 
 import transformers
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from .modeling import (
     DareRouter,
@@ -31,7 +31,6 @@ __version__ = "0.1.0"
 AutoConfig.register(MoECausalLMConfig.model_type, MoECausalLMConfig, exist_ok=True)
 AutoModelForCausalLM.register(MoECausalLMConfig, MoEForCausalLM, exist_ok=True)
 AutoConfig.register(MoELlavaConfig.model_type, MoELlavaConfig, exist_ok=True)
-AutoModel.register(MoELlavaConfig, MoELlavaModel, exist_ok=True)
 AutoModelForImageTextToText.register(MoELlavaConfig, MoELlavaForConditionalGeneration, exist_ok=True)
 if hasattr(transformers, "AutoModelForVision2Seq"):  # removed in transformers 5
     transformers.AutoModelForVision2Seq.register(MoELlavaConfig, MoELlavaForConditionalGeneration, exist_ok=True)

@@ -128,8 +128,9 @@ def build_llava(
         multimodal_projector_bias=True,
         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
     )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)  # the projector keeps this fresh, seeded initialisation
+    with torch.random.fork_rng():  # seed the new projector without touching the caller's random state
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)  # the projector keeps this fresh, seeded initialisation
     model.model.language_model = language_model.model
     model.lm_head = language_model.lm_head
     model.model.vision_tower = vision_tower

@@ -9,6 +9,7 @@ import evaluate
 import torch
 from datasets import Dataset
 
+from hf_dare.modeling.modeling_moe_llava import token_nll
 from hf_dare.training.data import LlavaDataCollator, _load_image, conversation_to_messages
 from hf_dare.training.metrics import RoutingMetrics
 
@@ -55,7 +56,11 @@ def prompt_batch(processor, samples: list[dict], device: torch.device | str = "c
     tokenizer = processor.tokenizer
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
-        return processor(images=images or None, text=prompts, padding=True, return_tensors="pt").to(device)
+        # As the training collator does: the chat template already holds every special token.
+        inputs = processor(
+            images=images or None, text=prompts, padding=True, add_special_tokens=False, return_tensors="pt"
+        )
+        return inputs.to(device)
     finally:
         tokenizer.padding_side = padding_side
 
@@ -77,13 +82,11 @@ def answer_difficulty(model, collator: LlavaDataCollator, samples: list[dict]) -
     outputs = model(**batch)
     labels = batch["labels"]
     answer = labels[:, 1:] != -100  # position t predicts token t+1
-    nll = torch.nn.functional.cross_entropy(
-        outputs.logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], reduction="none", ignore_index=-100
-    )
+    nll = token_nll(outputs.logits, labels)
     count = answer.sum(1).clamp(min=1)
     true = ((nll * answer).sum(1) / count).tolist()
     predicted = None
-    if outputs.difficulty:
+    if getattr(outputs, "difficulty", None):
         mean_prediction = torch.stack(outputs.difficulty).float().mean(0)[:, :-1]
         predicted = ((mean_prediction * answer).sum(1) / count).tolist()
     return true, predicted, (outputs, labels)
@@ -105,7 +108,7 @@ def evaluate_vqa(model, processor, dataset: Dataset, batch_size: int = 16, max_n
         result["true"] += true
         result["predicted"] += predicted or []
         metrics.update(outputs, labels)
-        if outputs.expert_load:
+        if getattr(outputs, "expert_load", None):
             load = torch.stack(outputs.expert_load).double().cpu()
             load_sum = load if load_sum is None else load_sum + load
             forwards += 1

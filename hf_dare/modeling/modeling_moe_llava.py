@@ -200,7 +200,10 @@ class MoEModelMixin:
 
     @property
     def moe_blocks(self) -> list[MoEBlock]:
-        return [module for module in self.modules() if isinstance(module, MoEBlock)]
+        """The MoE blocks in layer order (found once: the model walks them on every forward)."""
+        if getattr(self, "_moe_blocks", None) is None:
+            self._moe_blocks = [module for module in self.modules() if isinstance(module, MoEBlock)]
+        return self._moe_blocks
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' `save_pretrained`, plus a model card (README.md) unless one not written by us is there."""
@@ -233,6 +236,19 @@ class MoEModelMixin:
                 continue
             module._is_hf_initialized = True
         super().initialize_weights()
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, *args, **kwargs):
+        """transformers' activation checkpointing, non-reentrant only: the MoE blocks hand their routing
+        (load-balancing loss, DARE's predictions) to the model outside the decoder layers' outputs, which a
+        reentrant checkpoint would cut from the graph (the predictors would silently stop learning)."""
+        activation_checkpointing_kwargs = dict(activation_checkpointing_kwargs or {})
+        if activation_checkpointing_kwargs.get("use_reentrant", False):
+            raise ValueError(
+                "use_reentrant=True is not supported by hf-dare's MoE models (the routing losses would get no "
+                "gradient); use use_reentrant=False, the default."
+            )
+        activation_checkpointing_kwargs["use_reentrant"] = False
+        super().activation_checkpointing_enable(activation_checkpointing_kwargs, *args, **kwargs)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         # transformers defaults to grouped_mm, which on CPU is about 2x slower than our sort-based eager loop
@@ -304,7 +320,7 @@ class MoEModelMixin:
             for block, difficulty in zip(
                 [b for b in self.moe_blocks if isinstance(b.router, DareRouter)], dare, strict=True
             ):
-                block.router.threshold_tracker.observe(difficulty if token_mask is None else difficulty[token_mask])
+                block.router.threshold_tracker.observe(difficulty, token_mask)
 
         ce_loss = difficulty_loss = loss = None
         if labels is not None:
@@ -314,22 +330,24 @@ class MoEModelMixin:
             ce_loss = nll.sum() / torch.as_tensor(count, device=nll.device).clamp(min=1)
             loss = ce_loss
             if dare:
-                # DARE's target: the model's own next-token NLL, detached, on text positions only.
-                target = nll.detach()
-                per_layer = [
-                    F.mse_loss(d[:, :-1][text].float(), target[text]) if text.any() else d.sum() * 0.0 for d in dare
-                ]
-                difficulty_loss = torch.stack(per_layer).mean()
+                # DARE's target: the model's own next-token NLL, detached, on text positions only. Masked sums
+                # (no boolean indexing) keep the host out of it and give 0 when there is no text label.
+                target, weight = nll.detach(), text.float()
+                squared_errors = torch.stack([((d[:, :-1].float() - target) ** 2 * weight).sum() for d in dare])
+                difficulty_loss = squared_errors.mean() / weight.sum().clamp(min=1)
                 loss = loss + config.difficulty_loss_coef * difficulty_loss
             if aux_loss is not None:
                 loss = loss + config.router_aux_loss_coef * aux_loss
 
-        real = token_mask.reshape(-1) if token_mask is not None else None
         expert_load = []
         for r in routings:
-            slots = r.expert_indices if real is None else r.expert_indices[real]
-            counts = torch.bincount(slots.reshape(-1), minlength=config.num_experts + 1)[: config.num_experts]
-            expert_load.append(counts.float() / counts.sum().clamp(min=1))
+            real = (
+                r.expert_indices.new_ones(r.expert_indices.shape[0]) if token_mask is None else token_mask.reshape(-1)
+            )
+            slot_weights = real.float()[:, None].expand(r.expert_indices.shape).reshape(-1)
+            counts = torch.zeros(config.num_experts + 1, device=slot_weights.device)
+            counts = counts.scatter_add_(0, r.expert_indices.reshape(-1), slot_weights)[: config.num_experts]
+            expert_load.append(counts / counts.sum().clamp(min=1))
         return {
             "loss": loss,
             "ce_loss": ce_loss,

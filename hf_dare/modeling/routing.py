@@ -85,8 +85,9 @@ class TopKRouter(nn.Module):
         self.weight = nn.Parameter(torch.zeros(config.num_experts, config.text_config.hidden_size))
 
     def router_probs(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(T, H) -> router logits (T, E) and probabilities (T, E, float32)."""
-        router_logits = F.linear(hidden_states, self.weight)
+        """(T, H) -> router logits and probabilities (T, E), float32 like DeepSpeed's gate, so low-precision
+        models pick the same experts."""
+        router_logits = F.linear(hidden_states.float(), self.weight.float())
         return router_logits, F.softmax(router_logits, dim=-1, dtype=torch.float32)
 
     def forward(
@@ -160,21 +161,37 @@ class ThresholdTracker(nn.Module):
         # Plain floats: models are built on the meta device when loaded, where tensors hold no data.
         self.quantile_levels = list(itertools.accumulate(target_distribution))[:-1]
         self.register_buffer("thresholds", torch.tensor(initial_thresholds, dtype=torch.float32))
-        self._observed: list[torch.Tensor] = []
+        self._observed: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` would cast the thresholds too, and bf16 steps are too coarse for the EMA's
+        # small moves: keep them float32 (devices move as usual).
+        super()._apply(fn, recurse)
+        self.thresholds = self.thresholds.float()
+        return self
 
     def expert_counts(self, difficulty: torch.Tensor) -> torch.Tensor:
         """(T,) predicted difficulties -> (T,) experts per token, in 1..M."""
         return 1 + (difficulty.detach().float()[:, None] >= self.thresholds[None, :]).sum(-1)
 
-    def observe(self, difficulty: torch.Tensor) -> None:
-        """Keep a detached copy of predictions (N,) for the next `update`."""
-        self._observed.append(difficulty.detach().float().flatten())
+    def observe(self, difficulty: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Keep a detached copy of predictions (any shape; only where `mask`, if given) for the next `update`.
+        Selecting waits for `update`, so a forward does not sync with the host. Without updates, what is kept
+        is thinned out evenly past `OBSERVED_LIMIT` values, so memory stays bounded."""
+        mask = None if mask is None else mask.detach().reshape(-1)
+        self._observed.append((difficulty.detach().float().reshape(-1), mask))
+        if sum(values.numel() for values, _ in self._observed) > OBSERVED_LIMIT:
+            self._observed = [(_subsample(self._selected(), OBSERVED_LIMIT // 2), None)]
+
+    def _selected(self) -> torch.Tensor:
+        parts = [values if mask is None else values[mask] for values, mask in self._observed]
+        return torch.cat(parts) if parts else self.thresholds.new_empty(0)
 
     @torch.no_grad()
     def update(self) -> torch.Tensor | None:
         """Move the thresholds toward the quantiles of everything observed since the last update, on
         every rank alike, and forget it. Returns the new thresholds, or None when nothing was observed."""
-        local = torch.cat(self._observed) if self._observed else self.thresholds.new_empty(0)
+        local = self._selected()
         self._observed = []
         observed = _gather_across_ranks(local)
         if observed.numel() == 0:
@@ -188,6 +205,9 @@ class ThresholdTracker(nn.Module):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.broadcast(self.thresholds, src=0)
         return self.thresholds
+
+
+OBSERVED_LIMIT = 1 << 24  # predictions kept between updates (64 MB of float32)
 
 
 def _subsample(values: torch.Tensor, limit: int = 1 << 22) -> torch.Tensor:

@@ -21,10 +21,15 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def set_threshold_update_mode(model: nn.Module, per_batch: bool) -> None:
-    """Switch every DARE layer to per-batch thresholds (the paper's ablation) or back to the EMA."""
-    for module in unwrap_model(model).modules():
+    """Switch every DARE layer to per-batch thresholds (the paper's ablation) or back to the EMA; the config
+    says so too, so a saved model and its card record what was trained."""
+    model = unwrap_model(model)
+    mode = "per_batch" if per_batch else "ema"
+    for module in model.modules():
         if isinstance(module, ThresholdTracker):
-            module.mode = "per_batch" if per_batch else "ema"
+            module.mode = mode
+    if hasattr(getattr(model, "config", None), "threshold_update"):
+        model.config.threshold_update = mode
 
 
 class DareCallback(TrainerCallback):

@@ -14,6 +14,16 @@ def _last_logged(log_history: list[dict], prefix: str) -> dict[str, float]:
     return values
 
 
+def _thresholds_by_layer(routing: dict[str, float]) -> dict[int, list[float]]:
+    """`threshold_layer_{i}_{j}` entries -> {i: [tau_1, ..., tau_{M-1}]}, in numeric order."""
+    by_layer: dict[int, dict[int, float]] = {}
+    for key, value in routing.items():
+        if key.startswith("threshold_layer_"):
+            layer, j = (int(n) for n in key.removeprefix("threshold_layer_").split("_"))
+            by_layer.setdefault(layer, {})[j] = value
+    return {layer: [taus[j] for j in sorted(taus)] for layer, taus in sorted(by_layer.items())}
+
+
 def record_training_stage(trainer: Trainer, stage: str | TrainingStage) -> dict:
     """Append this run to `model.config.training_stages` and store its last routing metrics as
     `model.config.routing_statistics`; call after `trainer.train()`, before saving. Returns the record."""
@@ -41,6 +51,6 @@ def record_training_stage(trainer: Trainer, stage: str | TrainingStage) -> dict:
             "avg_k_text": routing.get("avg_k_text"),
             "avg_k_vision": routing.get("avg_k_vision"),
             "avg_k_per_layer": [v for _, v in per_layer],
-            "thresholds": [v for k, v in sorted(routing.items()) if k.startswith("threshold_")],
+            "thresholds": _thresholds_by_layer(routing),
         }
     return record

@@ -153,3 +153,48 @@ def test_experts_implementations_give_the_same_model_output(implementation):
     model.set_experts_implementation(implementation)
     assert model.config._experts_implementation == implementation
     torch.testing.assert_close(model(**batch).logits, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_keeps_the_routing_gradients():
+    batch = random_batch(moe_config("qwen2"))
+
+    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        model = build("qwen2", "dare", difficulty_predictor_dropout=0.0)
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model.train()
+        model(**batch).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if "router" in n}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert any("difficulty_predictor" in n for n in plain)
+    for name, grad in plain.items():
+        assert checkpointed[name] is not None, name
+        torch.testing.assert_close(checkpointed[name], grad)
+
+
+def test_reentrant_checkpointing_is_refused():
+    model = build("qwen2", "dare")
+    with pytest.raises(ValueError, match="use_reentrant=True is not supported"):
+        model.activation_checkpointing_enable({"use_reentrant": True})
+
+
+def test_thresholds_stay_float32_in_a_bfloat16_model():
+    model = build("qwen2", "dare", threshold_momentum=0.5).to(torch.bfloat16)
+    tracker = model.moe_blocks[0].router.threshold_tracker
+    assert model.lm_head.weight.dtype == torch.bfloat16 and tracker.thresholds.dtype == torch.float32
+    tracker.thresholds.copy_(torch.tensor([1.0, 1.1, 1.2]))
+    tracker.observe(torch.full((100,), 1.07, dtype=torch.bfloat16))
+    tracker.update()  # a move finer than bfloat16's spacing near 1 (0.0078) still lands
+    torch.testing.assert_close(tracker.thresholds[0], torch.tensor(1.0 + 0.5 * (1.0703125 - 1.0)))
+
+
+def test_observed_predictions_stay_bounded_without_updates(monkeypatch):
+    from hf_dare.modeling import routing
+
+    monkeypatch.setattr(routing, "OBSERVED_LIMIT", 1000)
+    tracker = routing.ThresholdTracker([0.0, 1.0, 2.0], [0.6, 0.3, 0.09, 0.01], momentum=0.9, mode="ema")
+    for _ in range(50):
+        tracker.observe(torch.rand(4, 100), mask=torch.rand(4, 100) > 0.1)
+    assert sum(values.numel() for values, _ in tracker._observed) <= 1000
+    assert tracker.update() is not None

@@ -6,17 +6,18 @@ same weights, same prompt, same number of new tokens, timed side by side in one 
                                              # paper's backbone, scaled to 375M parameters)
     python benchmarks/generate.py --quick    # 4 layers, 16 new tokens
 
-A random-weights model has no meaningful difficulty, so DARE's thresholds are set per layer to the quantile
-of the predictor's outputs on the decoding steps of a calibration run that gives Avg K = `--avg-k`
-(2 experts for the hardest `avg_k - 1` fraction of tokens, 1 for the rest); the Avg K achieved while
-decoding in the timed runs is printed. "decode tok/s" excludes the prompt: (N - 1) / (t(N tokens) - t(1 token)).
+A random-weights model has no meaningful difficulty, and thresholds calibrated on its predictions drift
+(the decoded tokens change with the routing). So each DARE layer's predictor still runs (its cost counts), but
+its output is replaced by a fixed schedule: an evenly spread fraction `avg_k - 1` of the tokens is "hard"
+(2 experts), the rest "easy" (1 expert), which pins Avg K at `--avg-k`; the Avg K achieved while decoding in
+the timed runs is printed. "decode tok/s" excludes the prompt: (N - 1) / (t(N tokens) - t(1 token)).
 """
 
 import argparse
 import time
 
 import torch
-from _common import DTYPES, force_dare_avg_k, keep_freed_memory, setup_threads, time_side_by_side
+from _common import DTYPES, keep_freed_memory, setup_threads, time_side_by_side
 from transformers import Qwen2Config
 
 from hf_dare import MoECausalLMConfig, MoEForCausalLM
@@ -72,29 +73,33 @@ class DecodeRecorder:
             handle.remove()
 
 
-def calibrate_dare(model: MoEForCausalLM, input_ids: torch.Tensor, new_tokens: int, avg_k: float) -> None:
-    """Set every DARE layer's thresholds on the MoE inputs of the decoding steps, twice (the inputs
-    depend on the routing, which depends on the thresholds)."""
-    blocks = {block.layer_idx: block for block in model.moe_blocks}
-    with torch.no_grad():
-        prompt_inputs = {}
-        handles = [
-            block.register_forward_hook(
-                lambda b, a, o: prompt_inputs.__setitem__(b.layer_idx, a[0].reshape(-1, a[0].shape[-1]))
-            )
-            for block in blocks.values()
-        ]
-        model(input_ids)
-        for handle in handles:
-            handle.remove()
-        for layer_idx, block in blocks.items():
-            force_dare_avg_k(block.router, prompt_inputs[layer_idx], avg_k)
-        for _ in range(2):
-            recorder = DecodeRecorder(model)
-            generate(model, input_ids, new_tokens)
-            recorder.remove()
-            for layer_idx, block in blocks.items():
-                force_dare_avg_k(block.router, torch.cat(recorder.inputs[layer_idx]), avg_k)
+class ScheduledDifficulty(torch.nn.Module):
+    """Runs DARE's real predictor, then replaces its output (T,) by a schedule: of the tokens seen so far, an
+    evenly spread fraction `hard_fraction` gets difficulty 1, the others 0."""
+
+    def __init__(self, predictor: torch.nn.Module, hard_fraction: float):
+        super().__init__()
+        self.predictor = predictor
+        self.hard_fraction = hard_fraction
+        self.seen = 0
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        predicted = self.predictor(hidden_states)
+        index = torch.arange(self.seen, self.seen + predicted.shape[0], device=predicted.device)
+        self.seen += predicted.shape[0]
+        hard = torch.floor((index + 1) * self.hard_fraction) > torch.floor(index * self.hard_fraction)
+        return hard.to(predicted.dtype) + predicted * 0
+
+
+def schedule_dare(model: MoEForCausalLM, avg_k: float) -> None:
+    """Pin DARE's Avg K at `avg_k` (in [1, 2]): tokens use 2 experts on a fixed schedule, 1 otherwise."""
+    if not 1.0 <= avg_k <= 2.0:
+        raise ValueError(f"avg_k must be in [1, 2] (tokens use 1 or 2 experts), got {avg_k}")
+    for block in model.moe_blocks:
+        router = block.router
+        router.difficulty_predictor = ScheduledDifficulty(router.difficulty_predictor, avg_k - 1.0)
+        taus = router.threshold_tracker.thresholds
+        taus.copy_(torch.tensor([0.5] + [2.0 + j for j in range(taus.numel() - 1)], dtype=taus.dtype))
 
 
 def generate(model: MoEForCausalLM, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
@@ -136,7 +141,7 @@ def main() -> None:
         f"{args.new_tokens} new tokens, repeats {args.repeats}"
     )
     input_ids = torch.randint(1, args.vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
-    calibrate_dare(dare, input_ids, args.new_tokens, args.avg_k)
+    schedule_dare(dare, args.avg_k)
 
     recorder = DecodeRecorder(dare)
     with torch.no_grad():

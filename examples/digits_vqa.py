@@ -32,8 +32,7 @@ from transformers import (
 )
 
 import hf_dare  # noqa: F401  (registers the MoE models with the Auto classes)
-from hf_dare.conversion.build import build_llava
-from hf_dare.conversion.upcycle import upcycle
+from hf_dare.conversion import build_llava, upcycle
 from hf_dare.evaluation import evaluate_vqa, generation_throughput
 from hf_dare.flops import activated_parameters_at
 from hf_dare.report import write_report

@@ -44,6 +44,7 @@ from hf_dare.training import (
     load_llava_dataset,
     record_training_stage,
 )
+from hf_dare.training.metrics import values_by_layer
 from hf_dare.training.stages import LANGUAGE_MODEL, LM_HEAD, PROJECTOR
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -180,7 +181,9 @@ def run(out: Path, size: RunSize, routers: tuple[str, ...], seed: int = 0) -> di
         processor = AutoProcessor.from_pretrained(final)
         evaluation = evaluate_vqa(model, processor, data["test"], batch_size=32)
         tokens_per_second = generation_throughput(model, processor, data["test"], batch_size=16)
-        n_active = activated_parameters_at(model, avg_k_per_layer(evaluation.routing))
+        n_active = activated_parameters_at(
+            model, list(values_by_layer(evaluation.routing, "routing/avg_k_layer_").values())
+        )
         write_report(evaluation, final / "report", title=f"digits VQA, {router} router")
         results[router] = {
             "accuracy": evaluation.accuracy,
@@ -195,12 +198,6 @@ def run(out: Path, size: RunSize, routers: tuple[str, ...], seed: int = 0) -> di
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print_table(results)
     return results
-
-
-def avg_k_per_layer(routing: dict) -> list[float]:
-    """Avg K of each MoE layer, in layer order, from `RoutingMetrics` keys `routing/avg_k_layer_{i}`."""
-    prefix = "routing/avg_k_layer_"
-    return [v for _, v in sorted((int(k.removeprefix(prefix)), v) for k, v in routing.items() if k.startswith(prefix))]
 
 
 def print_table(results: dict) -> None:

@@ -14,7 +14,7 @@ positions for a sequence of L real tokens), plus 2 * `lm_head_params` with `incl
 import torch
 from torch import nn
 
-from .modeling.modeling_moe_llava import MoEBlock, MoEOutputWithPast
+from .modeling.modeling_moe_llava import MoEOutputWithPast
 
 MODALITIES = ("all", "text", "vision")
 
@@ -62,7 +62,7 @@ def activated_parameters(model: nn.Module, outputs: MoEOutputWithPast, modality:
 def activated_parameters_at(model: nn.Module, avg_k_per_layer: list[float]) -> dict:
     """N_A of `model` when its MoE layers use `avg_k_per_layer` experts per token on average (one value per
     MoE layer, in order), e.g. Avg K measured over a whole evaluation set. Same keys as `activated_parameters`."""
-    blocks = [module for module in model.modules() if isinstance(module, MoEBlock)]
+    blocks = model.moe_blocks
     if len(avg_k_per_layer) != len(blocks):
         raise ValueError(f"got Avg K for {len(avg_k_per_layer)} MoE layers but the model has {len(blocks)}")
     params_per_expert = [

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from hf_dare.evaluation import VqaEvaluation
+from hf_dare.training.metrics import values_by_layer
 
 
 def _pyplot():
@@ -41,7 +42,7 @@ def write_report(evaluation: VqaEvaluation, out_dir: str | Path, title: str = ""
     written[0].write_text(json.dumps(evaluation.to_dict(), indent=1))
     routing = evaluation.routing
 
-    layers = sorted(int(k.rsplit("_", 1)[1]) for k in routing if k.startswith("routing/avg_k_layer_"))
+    layers = list(values_by_layer(routing, "routing/avg_k_layer_"))
     if layers:
         fig, (by_layer, by_modality) = plt.subplots(1, 2, figsize=(10, 3.5), gridspec_kw={"width_ratios": [3, 1]})
         groups = [("all", "routing/avg_k_layer_{}", "#4c72b0"), ("text", "routing/avg_k_text_layer_{}", "#55a868")]

@@ -43,7 +43,7 @@ class RoutingMetrics:
     @classmethod
     def for_model(cls, model: nn.Module) -> "RoutingMetrics":
         """Sized for `model`'s MoE layers (none for a dense model: then only the losses are tracked)."""
-        blocks = [m for m in model.modules() if isinstance(m, MoEBlock)]
+        blocks = getattr(model, "moe_blocks", [])
         config = getattr(model, "config", None)
         if not blocks or config is None:
             return cls([], 1, 1)
@@ -134,6 +134,12 @@ class RoutingMetrics:
             cv = load[i].std(unbiased=False) / load[i].mean().clamp(min=1e-12)
             metrics[f"routing/load_cv_layer_{layer_idx}"] = cv.item()
         return metrics
+
+
+def values_by_layer(metrics: dict[str, float], prefix: str) -> dict[int, float]:
+    """`{prefix}{i}` entries of `compute()`'s output (e.g. prefix `routing/avg_k_layer_`) -> {i: value}, by layer."""
+    values = {int(k.removeprefix(prefix)): v for k, v in metrics.items() if k.startswith(prefix)}
+    return dict(sorted(values.items()))
 
 
 def threshold_metrics(model: nn.Module) -> dict[str, float]:

@@ -4,6 +4,7 @@ the stage (steps, what was trained, final losses) and the last routing statistic
 from transformers import Trainer
 
 from .callbacks import unwrap_model
+from .metrics import values_by_layer
 from .stages import TrainingStage, get_stage
 
 
@@ -45,12 +46,11 @@ def record_training_stage(trainer: Trainer, stage: str | TrainingStage) -> dict:
     config.training_stages = [*(getattr(config, "training_stages", None) or []), record]
     routing = _last_logged(history, "routing/")
     if routing and hasattr(config, "routing_statistics"):
-        per_layer = sorted((int(k.rsplit("_", 1)[1]), v) for k, v in routing.items() if k.startswith("avg_k_layer_"))
         config.routing_statistics = {
             "avg_k": routing.get("avg_k"),
             "avg_k_text": routing.get("avg_k_text"),
             "avg_k_vision": routing.get("avg_k_vision"),
-            "avg_k_per_layer": [v for _, v in per_layer],
+            "avg_k_per_layer": list(values_by_layer(routing, "avg_k_layer_").values()),
             "thresholds": _thresholds_by_layer(routing),
         }
     return record

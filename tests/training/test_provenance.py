@@ -19,3 +19,10 @@ def test_per_batch_mode_is_written_to_the_config():
     assert all(block.router.threshold_tracker.mode == "per_batch" for block in model.moe_blocks)
     set_threshold_update_mode(model, per_batch=False)
     assert model.config.threshold_update == "ema"
+
+
+def test_values_by_layer_are_in_numeric_layer_order():
+    from hf_dare.training.metrics import values_by_layer
+
+    logged = {"routing/avg_k_layer_10": 1.5, "routing/avg_k_layer_2": 1.2, "routing/avg_k_text_layer_2": 1.1}
+    assert values_by_layer(logged, "routing/avg_k_layer_") == {2: 1.2, 10: 1.5}

@@ -1,12 +1,12 @@
 """Train a (MoE-)LLaVA model with the transformers Trainer, one of MoE-LLaVA's three stages at a time.
 
-    # stage 1: projector only, on image-caption pairs (dense LLaVA)
+    # stage 1: projector only, on image-caption pairs: LLaVA-PT 558k (dense LLaVA)
     python examples/train.py --stage stage1 --model path/to/llava --data blip_558k.json --images images/ --output out/s1
-    # stage 2: LLM + projector, on instruction data (dense LLaVA)
-    python examples/train.py --stage stage2 --model out/s1 --data llava_665k.json --images images/ --output out/s2
-    # upcycle to MoE (DARE routing), then stage 3: everything but the vision tower
+    # stage 2: LLM + projector, on multimodal instruction data: SViT, LVIS, LRV, MIMIC-IT (dense LLaVA)
+    python examples/train.py --stage stage2 --model out/s1 --data svit_lvis_lrv_mimicit.json --images images/ --output out/s2
+    # upcycle to MoE (DARE routing), then stage 3: everything but the vision tower, on LLaVA-mix-665k
     hf-dare upcycle out/s2 out/s2-moe --router dare
-    python examples/train.py --stage stage3 --model out/s2-moe --data mix.json --images images/ --output out/s3
+    python examples/train.py --stage stage3 --model out/s2-moe --data llava_mix_665k.json --images images/ --output out/s3
 
 Multi-GPU: `torchrun --nproc_per_node 8 examples/train.py ...` (or `accelerate launch`). Every value not given
 on the command line is the stage's default (`hf_dare.training.STAGES`).

@@ -8,18 +8,28 @@ import argparse
 import sys
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+def _numbers(kind: type, what: str):
+    """An argparse `type` for one item of a list option: `1`, or several comma-separated `1,3`."""
+
+    def parse(text: str) -> list:
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+    return parse
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+class _ExtendList(argparse.Action):
+    """A list option written space-separated (`--moe-layers 1 3`, as MoE-LLaVA's scripts do), comma-separated
+    (`--moe-layers 1,3`) or both: the parts are joined into one flat list."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [x for part in values for x in part])
+
+
+def _add_list_option(parser: argparse.ArgumentParser, name: str, kind: type, what: str, help: str) -> None:
+    parser.add_argument(name, nargs="+", type=_numbers(kind, what), action=_ExtendList, default=None, help=help)
 
 
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +52,12 @@ def add_upcycle_command(subparsers) -> None:
     parser.add_argument("out", help="output folder")
     parser.add_argument("--experts", type=int, default=4, help="experts per MoE layer (default 4)")
     parser.add_argument("--router", choices=("top_k", "dare", "ltdr"), default="dare")
-    parser.add_argument("--moe-layers", type=_ints, default=None, help="e.g. 0,2,4 (default: every other from 0)")
-    parser.add_argument("--target-distribution", type=_floats, default=None, help="DARE's Pi, e.g. 0.6,0.3,0.09,0.01")
+    _add_list_option(
+        parser, "--moe-layers", int, "integers", "e.g. 0 2 4 or 0,2,4 (default: every other layer from 0)"
+    )
+    _add_list_option(
+        parser, "--target-distribution", float, "numbers", "DARE's Pi, e.g. 0.6 0.3 0.09 0.01 or 0.6,0.3,0.09,0.01"
+    )
     parser.add_argument("--top-k", type=int, default=2, help="experts per token for top_k / ltdr (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the new routers")
     _add_output_options(parser)
@@ -80,7 +94,13 @@ def add_build_command(subparsers) -> None:
     parser.add_argument("out", help="output folder")
     parser.add_argument("--image-token", default="<image>")
     parser.add_argument("--vision-feature-layer", type=int, default=-2)
-    parser.add_argument("--vision-feature-select-strategy", choices=("default", "full"), default="default")
+    parser.add_argument(
+        "--vision-feature-select-strategy",
+        choices=("default", "full"),
+        default=None,
+        help="default: drop the first (CLS) token; full: keep every token (default: 'default' for CLIP, "
+        "'full' for SigLIP, which has no CLS token)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the new projector")
     _add_output_options(parser)
     parser.set_defaults(run=_run_build)

@@ -51,10 +51,20 @@ def load_vision_tower(folder: Path, vision_config: PreTrainedConfig, allow_pickl
         logging.set_verbosity(verbosity)
 
 
+def has_cls_token(vision_config: PreTrainedConfig) -> bool:
+    """CLIP's vision tower prepends a CLS token to the patches; SigLIP's has none."""
+    return vision_config.model_type == "clip_vision_model"
+
+
+def default_select_strategy(vision_config: PreTrainedConfig) -> str:
+    """`default` (drop the first token) for towers with a CLS token, `full` (keep every patch) for the others."""
+    return "default" if has_cls_token(vision_config) else "full"
+
+
 def image_tokens_per_image(vision_config: PreTrainedConfig, strategy: str) -> int:
+    """Image tokens a `strategy` leaves of one image: the tower's tokens, less the first one for `default`."""
     patches = (vision_config.image_size // vision_config.patch_size) ** 2
-    has_cls = vision_config.model_type == "clip_vision_model"
-    return patches + (1 if has_cls and strategy == "full" else 0)
+    return patches + int(has_cls_token(vision_config)) - int(strategy == "default")
 
 
 def llava_processor(
@@ -66,7 +76,7 @@ def llava_processor(
         tokenizer=tokenizer,
         patch_size=vision_config.patch_size,
         vision_feature_select_strategy=strategy,
-        num_additional_image_tokens=1 if vision_config.model_type == "clip_vision_model" else 0,
+        num_additional_image_tokens=int(has_cls_token(vision_config)),
         image_token=image_token,
         chat_template=getattr(tokenizer, "chat_template", None),
     )
@@ -87,7 +97,7 @@ def build_llava(
     out: str | Path,
     image_token: str = "<image>",
     vision_feature_layer: int = -2,
-    vision_feature_select_strategy: str = "default",
+    vision_feature_select_strategy: str | None = None,
     seed: int = 0,
     overwrite: bool = False,
     allow_pickle: bool = False,
@@ -96,8 +106,10 @@ def build_llava(
     """A dense `LlavaForConditionalGeneration` checkpoint in `out` from the causal LM `llm` and the CLIP /
     SigLIP model `vision` (folders or Hub ids), with a new projector (seeded) and a `LlavaProcessor`.
 
-    The decoder's embeddings grow by one row when `image_token` is new and has no spare row. Returns `out`."""
-    if vision_feature_select_strategy not in ("default", "full"):
+    `vision_feature_select_strategy` None picks the tower's own: `default` (drop the CLS token) for CLIP,
+    `full` for SigLIP, which has no CLS token. The decoder's embeddings grow by one row when `image_token` is
+    new and has no spare row. Returns `out`."""
+    if vision_feature_select_strategy not in (None, "default", "full"):
         raise ConversionError(
             f"vision_feature_select_strategy {vision_feature_select_strategy!r}: allowed 'default' or 'full'."
         )
@@ -106,6 +118,8 @@ def build_llava(
     text_config = load_source_config(llm_dir)
     check_gated_ffn_decoder(text_config)
     vision_config = vision_config_of(load_source_config(vision_dir), vision_dir)
+    if vision_feature_select_strategy is None:
+        vision_feature_select_strategy = default_select_strategy(vision_config)
     weight_files(llm_dir, allow_pickle)
 
     tokenizer = AutoTokenizer.from_pretrained(llm_dir)

@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from ..modeling import MoELlavaConfig
-from .build import add_image_token, image_tokens_per_image, llava_processor, vision_config_of
+from .build import add_image_token, has_cls_token, image_tokens_per_image, llava_processor, vision_config_of
 from .checkpoint import (
     CheckpointReader,
     ConversionError,
@@ -323,6 +323,12 @@ def import_moellava(
             f"eval_capacity_factor={moe.get('eval_capacity_factor')}, min_capacity={moe.get('min_capacity')} "
             "(capacities are not used here)."
         )
+        if strategy == "default" and not has_cls_token(vision_config):
+            notes.append(
+                "As in the original (mm_vision_select_feature='patch'), the first token of the SigLIP tower's "
+                f"output is dropped although SigLIP has no CLS token: {config.image_seq_length} image tokens "
+                "per image, one patch fewer than the tower gives."
+            )
         if original.get("image_aspect_ratio") == "pad":
             notes.append(
                 "The original pads images to a square (mean colour) before the image processor "

@@ -1,9 +1,9 @@
 """MoE-LLaVA's three training stages as presets: what is trained (parameter-name patterns) and the
 paper's default hyper-parameters.
 
-- stage1: projector only, on image-caption pairs (dense LLaVA);
-- stage2: LLM + projector, on instruction data (dense LLaVA);
-- stage3: the upcycled MoE model (`hf-dare upcycle`), everything but the vision tower.
+- stage1: projector only, on image-caption pairs (LLaVA-PT 558k; dense LLaVA);
+- stage2: LLM + projector, on multimodal instruction data (SViT, LVIS, LRV, MIMIC-IT; dense LLaVA);
+- stage3: the upcycled MoE model (`hf-dare upcycle`), everything but the vision tower, on LLaVA-mix-665k.
 """
 
 import re
@@ -53,14 +53,14 @@ class TrainingStage:
 
 STAGES = {
     "stage1": TrainingStage(
-        "stage1", "projector only (dense LLaVA, image-caption data)", (PROJECTOR,), 1e-3, global_batch_size=256
+        "stage1", "projector only (dense LLaVA, image-caption pairs: LLaVA-PT 558k)", (PROJECTOR,), 1e-3, global_batch_size=256
     ),
     "stage2": TrainingStage(
-        "stage2", "LLM + projector (dense LLaVA, instruction data)", (PROJECTOR, LANGUAGE_MODEL, LM_HEAD), 2e-5
+        "stage2", "LLM + projector (dense LLaVA, multimodal instruction data: SViT, LVIS, LRV, MIMIC-IT)", (PROJECTOR, LANGUAGE_MODEL, LM_HEAD), 2e-5
     ),
     "stage3": TrainingStage(
         "stage3",
-        "MoE model: everything but the vision tower (DARE predictors at their own learning rate)",
+        "MoE model: everything but the vision tower, on LLaVA-mix-665k (DARE predictors at their own learning rate)",
         (PROJECTOR, LANGUAGE_MODEL, LM_HEAD),
         2e-5,
         predictor_learning_rate=1e-4,

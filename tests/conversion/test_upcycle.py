@@ -139,3 +139,54 @@ def test_build_with_siglip_and_new_image_token(dense_dirs, tmp_path):
     inputs = processor(images=tiny_models.digit_images(1), text="<img> what digit", return_tensors="pt")
     assert (inputs["input_ids"] == model.config.image_token_id).sum() == 4  # SigLIP: no CLS token
     assert torch.isfinite(_logits(model, **inputs)).all()
+
+
+@pytest.mark.parametrize(
+    "tower, flag, expected_tokens",
+    [
+        ("siglip", None, tiny_models.image_tokens_per_image()),  # no CLS token: every patch kept
+        ("clip", None, tiny_models.image_tokens_per_image()),  # CLS dropped, every patch kept
+        ("siglip", "default", tiny_models.image_tokens_per_image() - 1),  # the flag overrides: first patch dropped
+        ("clip", "full", tiny_models.image_tokens_per_image() + 1),  # patches + CLS
+    ],
+)
+def test_build_picks_the_select_strategy_of_the_tower(dense_dirs, tmp_path, tower, flag, expected_tokens):
+    save_vision_tower(tmp_path / tower, tower)
+    out = tmp_path / "llava"
+    argv = ["build", "--llm", str(dense_dirs["qwen3"]), "--vision", str(tmp_path / tower), str(out)]
+    assert main(argv + (["--vision-feature-select-strategy", flag] if flag else [])) == 0
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    inputs = _image_inputs(AutoProcessor.from_pretrained(out))
+    assert (inputs["input_ids"] == model.config.image_token_id).sum().item() == expected_tokens
+    assert model.config.image_seq_length == expected_tokens
+    with torch.no_grad():  # LLaVA refuses image features whose count differs from the image tokens
+        features = model.get_image_features(pixel_values=inputs["pixel_values"])
+    features = features.pooler_output if hasattr(features, "pooler_output") else features
+    assert sum(f.shape[0] for f in features) == expected_tokens
+
+
+@pytest.mark.parametrize(
+    "layers, pi",
+    [
+        (["1", "3"], ["0.6", "0.3", "0.09", "0.01"]),  # space-separated, as MoE-LLaVA's scripts write lists
+        (["1,3"], ["0.6,0.3,0.09,0.01"]),
+        (["1,", "3"], ["0.6,0.3", "0.09", "0.01"]),  # both at once
+    ],
+)
+def test_cli_list_options_take_spaces_and_commas(dense_dirs, tmp_path, layers, pi):
+    out = tmp_path / "cli"
+    argv = ["upcycle", str(dense_dirs["qwen3"]), str(out), "--moe-layers", *layers, "--target-distribution", *pi]
+    assert main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["moe_layers"] == [1, 3] and config["target_distribution"] == [0.6, 0.3, 0.09, 0.01]
+
+
+def test_cli_bad_target_distribution_gets_the_config_message(dense_dirs, tmp_path, capsys):
+    out = tmp_path / "cli"
+    argv = ["upcycle", str(dense_dirs["qwen3"]), str(out), "--target-distribution", "0.5", "0.3", "0.1"]
+    assert main(argv) != 0
+    error = capsys.readouterr().err
+    assert "target_distribution" in error and "sum to 1" in error and "usage:" not in error
+    assert not out.exists()
+    with pytest.raises(SystemExit):  # not a number at all: argparse's own refusal
+        main(["upcycle", str(dense_dirs["qwen3"]), str(out), "--moe-layers", "one"])

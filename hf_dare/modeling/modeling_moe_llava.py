@@ -27,7 +27,7 @@ from transformers.models.llava.modeling_llava import (
 
 from .configuration_moe_llava import MoECausalLMConfig, MoEConfigBase, MoELlavaConfig
 from .model_card import GENERATED_MARKER, render_model_card
-from .routing import ROUTER_CLASSES, DareRouter, Routing, ThresholdTracker, TopKRouter
+from .routing import ROUTER_CLASSES, Routing, ThresholdTracker, TopKRouter
 
 # At most this many tokens take the per-token decode path on CPU (see `MoEBlock.forward`).
 DECODE_PATH_MAX_TOKENS = 4
@@ -128,11 +128,18 @@ class MoEBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_size, seq_len, hidden_dim = hidden_states.shape
         flat = hidden_states.reshape(-1, hidden_dim)
-        token_mask, vision_mask = _flatten(self.token_mask), _flatten(self.vision_mask)
+        token_mask, vision_mask = self.token_mask, self.vision_mask
         routing = self.router(flat, token_mask, vision_mask)
         if self.with_aux_loss:
             routing.aux_loss = self.router.aux_loss(routing, token_mask, vision_mask)
-        if flat.device.type == "cpu" and flat.shape[0] <= DECODE_PATH_MAX_TOKENS and not torch.is_grad_enabled():
+        # `isinstance`: wrapped experts (PEFT's LoRA `ParamWrapper` on the 3-D weights) go through their own forward,
+        # which applies the adapters; `decode_forward` reads the raw weights.
+        if (
+            isinstance(self.experts, MoEExperts)
+            and flat.device.type == "cpu"
+            and flat.shape[0] <= DECODE_PATH_MAX_TOKENS
+            and not torch.is_grad_enabled()
+        ):
             out = self.experts.decode_forward(flat, routing.expert_indices, routing.expert_weights)
         else:
             out = self.experts(flat, routing.expert_indices, routing.expert_weights)
@@ -142,10 +149,6 @@ class MoEBlock(nn.Module):
     def pop_routing(self) -> Routing:
         routing, self.routing = self.routing, None
         return routing
-
-
-def _flatten(mask: torch.Tensor | None) -> torch.Tensor | None:
-    return None if mask is None else mask.reshape(-1)
 
 
 def install_moe_blocks(language_model: nn.Module, config: MoEConfigBase) -> None:
@@ -263,7 +266,9 @@ class MoEModelMixin:
         thresholds by layer index."""
         updated = {}
         for block in self.moe_blocks:
-            if isinstance(block.router, DareRouter):
+            # Duck-typed, not isinstance: PEFT's `modules_to_save` wraps the router (ModulesToSaveWrapper), which
+            # forwards attribute access to the trained copy.
+            if hasattr(block.router, "threshold_tracker"):
                 thresholds = block.router.threshold_tracker.update()
                 if thresholds is not None:
                     updated[block.layer_idx] = thresholds.tolist()
@@ -318,7 +323,7 @@ class MoEModelMixin:
         dare = [r.difficulty.view(batch_size, seq_len) for r in routings if r.difficulty is not None]
         if self.training and dare:
             for block, difficulty in zip(
-                [b for b in self.moe_blocks if isinstance(b.router, DareRouter)], dare, strict=True
+                [b for b in self.moe_blocks if hasattr(b.router, "threshold_tracker")], dare, strict=True
             ):
                 block.router.threshold_tracker.observe(difficulty, token_mask)
 

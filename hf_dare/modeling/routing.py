@@ -41,11 +41,15 @@ def load_balancing_loss(
     """Switch / GShard balancing loss E * sum_i f_i * Pbar_i over the tokens in `token_mask`.
 
     f_i is the fraction of routed (token, expert) slots that go to expert i, Pbar_i the mean router
-    probability of expert i. `router_probs` (T, E), `expert_indices` (T, K) with sentinel E, `token_mask` (T,).
+    probability of expert i. `router_probs` (T, E), `expert_indices` (T, K) with sentinel E, `token_mask` (T,)
+    or (B, L) with B * L = T.
     Returns 0 (still attached to the graph) when no token is selected.
     """
     num_experts = router_probs.shape[-1]
-    weights = router_probs.new_ones(router_probs.shape[0]) if token_mask is None else token_mask.to(router_probs.dtype)
+    if token_mask is None:
+        weights = router_probs.new_ones(router_probs.shape[0])
+    else:
+        weights = token_mask.reshape(-1).to(router_probs.dtype)
     slot_counts = torch.zeros(num_experts + 1, dtype=router_probs.dtype, device=router_probs.device)
     slot_counts.scatter_add_(0, expert_indices.reshape(-1), weights.repeat_interleave(expert_indices.shape[-1]))
     slot_counts = slot_counts[:num_experts]
@@ -96,7 +100,8 @@ class TopKRouter(nn.Module):
         token_mask: torch.Tensor | None = None,
         vision_mask: torch.Tensor | None = None,
     ) -> Routing:
-        """`hidden_states` (T, H); `token_mask` (T,) real (non-padding) tokens; `vision_mask` (T,) image tokens."""
+        """`hidden_states` (T, H), the B * L tokens of a batch; `token_mask` (B, L) real (non-padding) tokens and
+        `vision_mask` (B, L) image tokens, or (T,) for one sample."""
         router_logits, router_probs = self.router_probs(hidden_states)
         expert_counts = torch.full_like(router_probs[:, 0], self.num_experts_per_tok, dtype=torch.long)
         return self.route(router_logits, router_probs, expert_counts, self.num_experts_per_tok, hidden_states.dtype)
@@ -264,7 +269,10 @@ class DareRouter(TopKRouter):
 
 class LtdrRouter(TopKRouter):
     """LTDR: top-k routing, balanced on language tokens only; a vision token whose routing-probability
-    variance (RPV) exceeds the mean RPV of the batch's vision tokens is a tail token and uses top-a."""
+    variance (RPV) exceeds the mean RPV of its own sample's vision tokens is a tail token and uses top-a.
+
+    The reference set is the sample's own vision tokens, never the batch's, so a sample routes the same
+    whatever it is batched with (in training and inference alike)."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -273,13 +281,15 @@ class LtdrRouter(TopKRouter):
     def tail_tokens(
         self, router_probs: torch.Tensor, vision_mask: torch.Tensor | None, token_mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """(T,) bool: vision tokens whose RPV is above the mean RPV of the (non-padding) vision tokens."""
+        """(T,) bool: vision tokens whose RPV is above the mean RPV of the (non-padding) vision tokens of the
+        same sample. `router_probs` (T, E); masks (B, L) with B * L = T, or (T,) for a single sample."""
         if vision_mask is None:
             return torch.zeros_like(router_probs[:, 0], dtype=torch.bool)
         vision = vision_mask if token_mask is None else vision_mask & token_mask
-        rpv = router_probs.var(dim=-1, unbiased=False)
-        mean_rpv = (rpv * vision).sum() / vision.sum().clamp(min=1)
-        return vision & (rpv > mean_rpv)
+        vision = vision.reshape(-1, vision.shape[-1])  # (B, L)
+        rpv = router_probs.var(dim=-1, unbiased=False).view(vision.shape)
+        mean_rpv = (rpv * vision).sum(-1, keepdim=True) / vision.sum(-1, keepdim=True).clamp(min=1)
+        return (vision & (rpv > mean_rpv)).reshape(-1)
 
     def forward(
         self,

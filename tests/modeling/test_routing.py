@@ -169,3 +169,22 @@ def test_difficulty_loss_can_be_kept_away_from_the_backbone():
     assert backbone == 0.0 and predictor > 0.0
     backbone, predictor = grads_of_difficulty_loss(detach=False)
     assert backbone > 0.0 and predictor > 0.0
+
+
+def test_ltdr_tail_reference_is_the_samples_own_vision_tokens():
+    config = moe_config("qwen2", router="ltdr", num_experts_per_tok=2, tail_top_a=4)
+    router = LtdrRouter(config)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(4, HIDDEN))
+    hidden_states = torch.randn(2, 20, HIDDEN) * 3
+    hidden_states[1] *= 4  # the second sample's routing is much sharper: a batch-wide mean would mark it all tail
+    vision_mask = torch.zeros(2, 20, dtype=torch.bool)
+    vision_mask[:, 2:14] = True
+    routing = router(hidden_states.reshape(40, HIDDEN), vision_mask=vision_mask)
+    rpv = routing.router_probs.var(-1, unbiased=False).view(2, 20)
+    for sample in range(2):
+        own = vision_mask[sample] & (rpv[sample] > rpv[sample][vision_mask[sample]].mean())
+        assert 0 < own.sum() < vision_mask[sample].sum()
+        assert torch.equal(routing.expert_counts.view(2, 20)[sample], torch.where(own, 4, 2))
+        alone = router(hidden_states[sample], vision_mask=vision_mask[sample])
+        assert torch.equal(alone.expert_indices, routing.expert_indices.view(2, 20, -1)[sample])

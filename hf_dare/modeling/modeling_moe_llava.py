@@ -165,7 +165,8 @@ def install_moe_blocks(language_model: nn.Module, config: MoEConfigBase) -> None
 
 @dataclass
 class MoEOutputWithPast(ModelOutput):
-    """Output of the MoE models. `loss` = `ce_loss` + alpha * `difficulty_loss` + beta * `aux_loss`.
+    """Output of the MoE models. `loss` = `ce_loss` + share * (alpha * `difficulty_loss` + beta * `aux_loss`),
+    share = this batch's text tokens / `num_items_in_batch` when that is given (the Trainer's), else 1.
 
     Per MoE layer (tuples in `config.moe_layers` order): `expert_counts` (B, L) experts used per token,
     `expert_load` (E,) fraction of routed slots per expert over real tokens, `difficulty` (B, L) DARE's
@@ -331,18 +332,27 @@ class MoEModelMixin:
         if labels is not None:
             nll = token_nll(logits, labels)
             text = labels[:, 1:] != -100
-            count = num_items_in_batch if num_items_in_batch is not None else text.sum()
-            ce_loss = nll.sum() / torch.as_tensor(count, device=nll.device).clamp(min=1)
-            loss = ce_loss
+            text_tokens = text.sum()
+            count = torch.as_tensor(num_items_in_batch if num_items_in_batch is not None else text_tokens)
+            count = count.to(nll.device).clamp(min=1)
+            ce_loss = nll.sum() / count
+            routing_loss = 0.0
             if dare:
                 # DARE's target: the model's own next-token NLL, detached, on text positions only. Masked sums
                 # (no boolean indexing) keep the host out of it and give 0 when there is no text label.
                 target, weight = nll.detach(), text.float()
                 squared_errors = torch.stack([((d[:, :-1].float() - target) ** 2 * weight).sum() for d in dare])
-                difficulty_loss = squared_errors.mean() / weight.sum().clamp(min=1)
-                loss = loss + config.difficulty_loss_coef * difficulty_loss
+                difficulty_loss = squared_errors.mean() / text_tokens.clamp(min=1)
+                routing_loss = routing_loss + config.difficulty_loss_coef * difficulty_loss
             if aux_loss is not None:
-                loss = loss + config.router_aux_loss_coef * aux_loss
+                routing_loss = routing_loss + config.router_aux_loss_coef * aux_loss
+            # `num_items_in_batch` (the Trainer's) counts the text tokens of the whole optimizer step: every
+            # micro-batch of a gradient-accumulation step, on every rank. The routing terms are means over this
+            # micro-batch, so they are weighted by its share of those tokens: summed over the step (as the
+            # Trainer's scaling does) they give the token-weighted mean, and L_diff exactly what one device on
+            # one batch gives. Without `num_items_in_batch` the share is 1.
+            share = text_tokens / count if num_items_in_batch is not None else 1.0
+            loss = ce_loss + share * routing_loss
 
         expert_load = []
         for r in routings:

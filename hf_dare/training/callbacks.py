@@ -1,9 +1,12 @@
-"""`DareCallback`: moves DARE's thresholds once per optimizer step."""
+"""Trainer callbacks: `DareCallback` moves DARE's thresholds once per optimizer step, `RoutingMetricsCallback`
+puts the routing metrics into the logs."""
 
 from torch import nn
 from transformers import TrainerCallback
 
 from hf_dare.modeling.routing import ThresholdTracker
+
+from .metrics import RoutingMetrics, threshold_metrics
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -53,3 +56,68 @@ class DareCallback(TrainerCallback):
         model = unwrap_model(model) if model is not None else None
         if model is not None and hasattr(model, "update_difficulty_thresholds"):
             self.last_thresholds = model.update_difficulty_thresholds()
+
+
+class RoutingMetricsCallback(TrainerCallback):
+    """Puts the routing metrics of the forwards since the last log into the Trainer's logs.
+
+    A forward hook on the model records every forward's losses and routing statistics (`RoutingMetrics`,
+    kept on the device, summed across ranks when logged); each training log gets `loss/ce`,
+    `loss/difficulty`, `loss/aux`, `routing/*` (Avg K per layer and modality, shares of 1..M experts, expert
+    load) and DARE's thresholds, and each evaluation log the same under its prefix (`eval_routing/*`).
+
+    They reach `trainer.state.log_history` wherever this callback stands. The `report_to` integrations
+    (tensorboard, wandb...) see them only if this callback runs before them: the Trainer puts the
+    integrations named in `args.report_to` ahead of the `callbacks` it is given, so either give
+    `report_to="none"` and list the integration after this callback
+    (`callbacks=[DareCallback(), RoutingMetricsCallback(), TensorBoardCallback()]`), or put it first with
+    `trainer.callback_handler.callbacks.insert(0, RoutingMetricsCallback())` (what `MoETrainer` does).
+    """
+
+    def __init__(self):
+        self.train_metrics: RoutingMetrics | None = None
+        self.eval_metrics: RoutingMetrics | None = None
+        self._model: nn.Module | None = None
+        self._hook = None
+
+    def attach(self, model: nn.Module) -> None:
+        """Record the forwards of `model` (any wrapper of it); done by the Trainer's events, once per model."""
+        model = unwrap_model(model)
+        if model is self._model:
+            return
+        if self._hook is not None:
+            self._hook.remove()
+        self._model = model
+        self.train_metrics = RoutingMetrics.for_model(model)
+        self.eval_metrics = RoutingMetrics.for_model(model)
+        self._hook = model.register_forward_hook(self._record, with_kwargs=True)
+
+    def _record(self, module: nn.Module, args, kwargs, outputs) -> None:
+        metrics = self.train_metrics if module.training else self.eval_metrics
+        metrics.update(outputs, kwargs.get("labels"), kwargs.get("num_items_in_batch"))
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self.attach(model)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self.attach(model)  # `model_init` may have made a new model
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.eval_metrics is not None:  # an evaluation that follows counts its own forwards only
+            self.eval_metrics.reset(args.device)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._model is None or logs is None:
+            return
+        if "loss" in logs:  # a training-step log (the end-of-training summary has `train_loss`)
+            routing = {**self.train_metrics.compute(args.device), **threshold_metrics(self._model)}
+        else:
+            prefix = next((k.removesuffix("_loss") for k in logs if k.endswith("_loss") and k != "train_loss"), None)
+            if prefix is None:
+                return
+            routing = {f"{prefix}_{name}": value for name, value in self.eval_metrics.compute(args.device).items()}
+        logs.update(routing)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(routing)

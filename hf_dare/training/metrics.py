@@ -5,14 +5,17 @@ import torch
 from torch import nn
 
 from hf_dare.modeling import MoEBlock
-from hf_dare.modeling.routing import DareRouter
+
+# Logged name -> output field of the routing losses.
+ROUTING_LOSSES = {"difficulty": "difficulty_loss", "aux": "aux_loss"}
 
 
 class RoutingMetrics:
     """Running sums over the forwards since the last `compute()`, kept on the device (no host sync per step)
     and summed across ranks in `compute()` (every rank must call it together).
 
-    Keys of `compute()`: `loss/ce` (token-weighted), `loss/difficulty`, `loss/aux` (means over forwards);
+    Keys of `compute()`: `loss/ce`, `loss/difficulty`, `loss/aux` (weighted by each forward's text tokens, as
+    the model's loss weights them under the Trainer; plain means over forwards that had no text token);
     `routing/avg_k`, `routing/avg_k_layer_{i}`, `routing/avg_k_text`, `routing/avg_k_vision`,
     `routing/avg_k_{text|vision}_layer_{i}`,
     `routing/frac_{n}_experts` (share of tokens using n experts, n = 1..width, all layers),
@@ -27,10 +30,9 @@ class RoutingMetrics:
         self._shapes = {
             "ce_nll": (1,),
             "ce_tokens": (1,),
-            "difficulty": (1,),
-            "difficulty_forwards": (1,),
-            "aux": (1,),
-            "aux_forwards": (1,),
+            # The routing losses: sums weighted by the forward's text tokens (as the loss weights them), plain
+            # sums and forward counts (for forwards without text labels).
+            **{f"{name}{part}": (1,) for name in ROUTING_LOSSES for part in ("", "_weight", "_plain", "_forwards")},
             "k_sum": (num_layers, 2),  # [text, vision]
             "k_tokens": (num_layers, 2),
             "k_hist": (num_layers, width + 1),
@@ -61,17 +63,20 @@ class RoutingMetrics:
         get = outputs.get if isinstance(outputs, dict) else lambda key: getattr(outputs, key, None)
         sums = self._on_device(get("logits"))
         ce_loss = get("ce_loss")
-        if ce_loss is not None and labels is not None:
-            text_tokens = (labels[:, 1:] != -100).sum()
+        text_tokens = None if labels is None else (labels[:, 1:] != -100).sum().to(sums["ce_nll"].device)
+        if ce_loss is not None and text_tokens is not None:
             count = text_tokens if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
             sums["ce_nll"] += ce_loss.detach().double() * count.to(sums["ce_nll"].device).clamp(min=1)
-            sums["ce_tokens"] += text_tokens.to(sums["ce_tokens"].device)
-        if get("difficulty_loss") is not None:
-            sums["difficulty"] += get("difficulty_loss").detach().double()
-            sums["difficulty_forwards"] += 1
-        if get("aux_loss") is not None:
-            sums["aux"] += get("aux_loss").detach().double()
-            sums["aux_forwards"] += 1
+            sums["ce_tokens"] += text_tokens
+        for name, key in ROUTING_LOSSES.items():
+            value = get(key)
+            if value is not None:
+                value = value.detach().double()
+                weight = 1.0 if text_tokens is None else text_tokens.double()
+                sums[name] += value * weight
+                sums[f"{name}_weight"] += weight
+                sums[f"{name}_plain"] += value
+                sums[f"{name}_forwards"] += 1
 
         expert_counts = get("expert_counts")
         if not expert_counts or len(expert_counts) != len(self.layer_indices):
@@ -110,10 +115,11 @@ class RoutingMetrics:
         metrics = {}
         if sums["ce_tokens"].item() > 0:
             metrics["loss/ce"] = (sums["ce_nll"] / sums["ce_tokens"]).item()
-        if sums["difficulty_forwards"].item() > 0:
-            metrics["loss/difficulty"] = (sums["difficulty"] / sums["difficulty_forwards"]).item()
-        if sums["aux_forwards"].item() > 0:
-            metrics["loss/aux"] = (sums["aux"] / sums["aux_forwards"]).item()
+        for name in ROUTING_LOSSES:
+            if sums[f"{name}_forwards"].item() > 0:
+                weight = sums[f"{name}_weight"].item()
+                value = sums[name] / weight if weight > 0 else sums[f"{name}_plain"] / sums[f"{name}_forwards"]
+                metrics[f"loss/{name}"] = value.item()
         if not self.layer_indices or sums["k_tokens"].sum().item() == 0:
             return metrics
         metrics["routing/avg_k"] = (sums["k_sum"].sum() / sums["k_tokens"].sum()).item()
@@ -146,7 +152,8 @@ def threshold_metrics(model: nn.Module) -> dict[str, float]:
     """`routing/threshold_layer_{i}_{j}`: tau_j (j = 1..M-1) of every DARE layer."""
     metrics = {}
     for module in model.modules():
-        if isinstance(module, MoEBlock) and isinstance(module.router, DareRouter):
+        # hasattr, not isinstance(DareRouter): PEFT's modules_to_save wraps the router and forwards attributes.
+        if isinstance(module, MoEBlock) and hasattr(module.router, "threshold_tracker"):
             for j, tau in enumerate(module.router.threshold_tracker.thresholds.tolist(), start=1):
                 metrics[f"routing/threshold_layer_{module.layer_idx}_{j}"] = tau
     return metrics

@@ -53,10 +53,17 @@ class TrainingStage:
 
 STAGES = {
     "stage1": TrainingStage(
-        "stage1", "projector only (dense LLaVA, image-caption pairs: LLaVA-PT 558k)", (PROJECTOR,), 1e-3, global_batch_size=256
+        "stage1",
+        "projector only (dense LLaVA, image-caption pairs: LLaVA-PT 558k)",
+        (PROJECTOR,),
+        1e-3,
+        global_batch_size=256,
     ),
     "stage2": TrainingStage(
-        "stage2", "LLM + projector (dense LLaVA, multimodal instruction data: SViT, LVIS, LRV, MIMIC-IT)", (PROJECTOR, LANGUAGE_MODEL, LM_HEAD), 2e-5
+        "stage2",
+        "LLM + projector (dense LLaVA, multimodal instruction data: SViT, LVIS, LRV, MIMIC-IT)",
+        (PROJECTOR, LANGUAGE_MODEL, LM_HEAD),
+        2e-5,
     ),
     "stage3": TrainingStage(
         "stage3",

@@ -43,7 +43,9 @@ def test_text_sample_is_the_same_alone_and_in_a_left_padded_batch(router):
     prompts = [random_batch(model.config, batch_size=1, seq_len=n, seed=s)["input_ids"] for n, s in ((7, 1), (4, 2))]
     width = max(p.shape[1] for p in prompts)
     pads = [width - p.shape[1] for p in prompts]
-    input_ids = torch.cat([torch.cat([torch.zeros(1, pad, dtype=torch.long), p], 1) for p, pad in zip(prompts, pads)])
+    input_ids = torch.cat(
+        [torch.cat([torch.zeros(1, pad, dtype=torch.long), p], 1) for p, pad in zip(prompts, pads, strict=True)]
+    )
     attention_mask = (torch.arange(width)[None] >= torch.tensor(pads)[:, None]).long()
     with torch.no_grad():
         batched = model(input_ids=input_ids, attention_mask=attention_mask).logits

@@ -2,7 +2,7 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 distributed_worker.py {ddp,fsdp} MODEL_DIR OUT_DIR
 
-ddp:  MoETrainer with DDP (4 SGD steps, each rank its own half of the data); rank 0 also saves the weights
+ddp:  the standard Trainer + DareCallback + RoutingMetricsCallback with DDP (4 SGD steps, each rank its own half of the data); rank 0 also saves the weights
       after the first step. fsdp: FSDP2 (`fully_shard` on every decoder layer) in a plain loop, checking
       after each step that the thresholds are the EMA toward the quantiles of all ranks' difficulties.
 Each rank writes OUT_DIR/rank{r}.json: thresholds after every step, the first token ids it trained on, ...
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 import hf_dare
-from hf_dare.training import DareCallback, MoETrainer
+from hf_dare.training import DareCallback, RoutingMetricsCallback
 from tests.training.helpers import as_dataset, digits_tensors, training_args
 
 
@@ -57,11 +57,11 @@ def run_ddp(model_dir: Path, out_dir: Path, rank: int) -> dict:
         ddp_backend="gloo",
         ddp_find_unused_parameters=True,
     )
-    trainer = MoETrainer(
+    trainer = Trainer(  # the standard Trainer: the model's loss and the callbacks do the rest
         model=model,
         args=args,
         train_dataset=as_dataset(digits_tensors(4)),
-        callbacks=[DareCallback(), recorder],
+        callbacks=[DareCallback(), RoutingMetricsCallback(), recorder],
     )
     trainer.train()
     logs = [log for log in trainer.state.log_history if "loss" in log]

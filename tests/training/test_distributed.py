@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import Trainer
 
 import hf_dare
-from hf_dare.training import DareCallback, MoETrainer
+from hf_dare.training import DareCallback
 from tests.tiny_models import moe_config
 from tests.training.helpers import as_dataset, digits_tensors, training_args
 
@@ -55,7 +56,7 @@ def test_ddp_trainer_thresholds_identical_across_ranks(tmp_path):
     args = training_args(tmp_path / "single", max_steps=1, per_device_train_batch_size=4, optim="sgd",
                          learning_rate=0.5, max_grad_norm=0.0)  # fmt: skip
     callback = DareCallback()
-    MoETrainer(model=model, args=args, train_dataset=as_dataset(digits_tensors(4)), callbacks=[callback]).train()
+    Trainer(model=model, args=args, train_dataset=as_dataset(digits_tensors(4)), callbacks=[callback]).train()
     for layer_idx, taus in callback.last_thresholds.items():
         assert ranks[0]["thresholds"][0][str(layer_idx)] == pytest.approx(taus, abs=1e-6)
     after_step1 = torch.load(out / "step1.pt")

@@ -1,0 +1,106 @@
+"""The standard `Trainer` plus hf-dare's callbacks trains right: the model's own loss counts the routing terms
+once per optimizer step whatever the gradient accumulation, and the routing metrics reach `log_history` and
+tensorboard."""
+
+import pytest
+import torch
+from transformers import Trainer
+from transformers.integrations import TensorBoardCallback
+
+import hf_dare
+from hf_dare.training import DareCallback, MoETrainer, RoutingMetricsCallback
+from tests.tiny_models import moe_config
+from tests.training.helpers import as_dataset, digits_tensors, training_args
+
+
+def dare_model(**overrides) -> hf_dare.MoEForCausalLM:
+    torch.manual_seed(0)
+    return hf_dare.MoEForCausalLM(moe_config(router="dare", difficulty_predictor_dropout=0.0, **overrides))
+
+
+def one_sgd_step(tmp_path, trainer_class, batch_size: int, accumulation: int, **overrides) -> dict:
+    """The weights after one SGD step over the same 8 sequences, cut into `accumulation` micro-batches."""
+    model = dare_model(**overrides)
+    args = training_args(
+        tmp_path / f"{trainer_class.__name__}-{accumulation}",
+        max_steps=1,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        optim="sgd",
+        learning_rate=0.5,
+        max_grad_norm=0.0,
+    )
+    callbacks = [DareCallback()] if trainer_class is Trainer else None
+    trainer_class(model=model, args=args, train_dataset=as_dataset(digits_tensors(8)), callbacks=callbacks).train()
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+def max_gap(a: dict, b: dict) -> float:
+    return max((a[name] - b[name]).abs().max().item() for name in a)
+
+
+def test_plain_trainer_accumulation_gives_the_weights_of_one_batch(tmp_path):
+    """Without the balancing loss (a product of batch statistics, not additive over micro-batches), 1 x 8 and
+    4 x 2 give the same weights: CE and L_diff are each a sum over tokens divided by the step's token count."""
+    whole = one_sgd_step(tmp_path, Trainer, 8, 1, router_aux_loss_coef=0.0)
+    accumulated = one_sgd_step(tmp_path, Trainer, 2, 4, router_aux_loss_coef=0.0)
+    predictor = "model.layers.0.mlp.router.difficulty_predictor.down.bias"
+    assert not torch.allclose(whole[predictor], dare_model().state_dict()[predictor])  # L_diff trained it
+    for name, param in whole.items():
+        torch.testing.assert_close(accumulated[name], param, atol=1e-5, rtol=0, msg=name)
+
+
+def test_plain_trainer_with_balancing_is_no_further_off_than_moe_trainer(tmp_path):
+    gaps = {}
+    for trainer_class in (Trainer, MoETrainer):
+        whole = one_sgd_step(tmp_path, trainer_class, 8, 1, router_aux_loss_coef=0.5)
+        accumulated = one_sgd_step(tmp_path, trainer_class, 2, 4, router_aux_loss_coef=0.5)
+        gaps[trainer_class] = max_gap(whole, accumulated)
+    assert gaps[Trainer] <= gaps[MoETrainer] + 1e-7
+    assert gaps[Trainer] < 1e-3  # only the balancing loss differs: its statistics are per micro-batch
+
+
+def test_plain_trainer_logs_routing_metrics(tmp_path):
+    model = dare_model()
+    args = training_args(tmp_path, max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=as_dataset(digits_tensors(8)),
+        eval_dataset=as_dataset(digits_tensors(4, start=50)),
+        callbacks=[DareCallback(), RoutingMetricsCallback()],
+    )
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 2
+    for log in logs:
+        # The logged loss is what was optimised: CE + alpha * L_diff + beta * L_lb, once per step.
+        assert log["loss"] == pytest.approx(log["loss/ce"] + log["loss/difficulty"] + 0.01 * log["loss/aux"], rel=1e-4)
+        fractions = [log[f"routing/frac_{n}_experts"] for n in range(1, 5)]
+        assert sum(fractions) == pytest.approx(1.0)
+        assert log["routing/avg_k"] == pytest.approx(sum(n * f for n, f in enumerate(fractions, start=1)))
+        for layer_idx in model.config.moe_layers:
+            assert 1.0 <= log[f"routing/avg_k_layer_{layer_idx}"] <= 4.0
+            taus = [log[f"routing/threshold_layer_{layer_idx}_{j}"] for j in (1, 2, 3)]
+            assert taus == sorted(taus) and taus != [0.0, 1.0, 2.0]
+    metrics = trainer.evaluate()
+    assert 1.0 <= metrics["eval_routing/avg_k"] <= 4.0
+    assert trainer.state.log_history[-1]["eval_routing/avg_k"] == metrics["eval_routing/avg_k"]
+
+
+def test_routing_metrics_reach_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = dare_model()
+    args = training_args(tmp_path, max_steps=3, per_device_train_batch_size=4, report_to="none")
+    # The integration runs after the callback that adds the metrics (see RoutingMetricsCallback's docstring).
+    callbacks = [DareCallback(), RoutingMetricsCallback(), TensorBoardCallback()]
+    trainer = Trainer(model=model, args=args, train_dataset=as_dataset(digits_tensors(12)), callbacks=callbacks)
+    trainer.train()
+    events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/routing/avg_k", "train/loss/difficulty", "train/routing/threshold_layer_0_1"} <= tags
+    logged = [log["routing/avg_k"] for log in trainer.state.log_history if "routing/avg_k" in log]
+    assert len(logged) == 3
+    assert [event.value for event in events.Scalars("train/routing/avg_k")] == pytest.approx(logged)

@@ -59,8 +59,8 @@ def main() -> None:
     for hook in hooks:
         hook.remove()
     for block, hidden_states in inputs.items():
-        if isinstance(block.router, DareRouter):
-            force_dare_avg_k(block.router, hidden_states, args.avg_k)
+        if isinstance(block.gate, DareRouter):
+            force_dare_avg_k(block.gate, hidden_states, args.avg_k)
     dense = report("top-2", top2, input_ids)
     sparse = report("DARE", dare, input_ids)
     saved = 1 - sparse["flops_per_token"] / dense["flops_per_token"]

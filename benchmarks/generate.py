@@ -1,23 +1,50 @@
-"""Greedy generation tokens/s of a small MoE causal LM (random weights): Top-2 vs DARE at Avg K ~1.2,
-same weights, same prompt, same number of new tokens, timed side by side in one process.
+"""Greedy decoding tokens/s of a small MoE causal LM (random weights): Top-2 vs DARE (same weights otherwise),
+measured as the median of per-pair ratios over interleaved repetitions, against the ideal for the Avg K that
+DARE actually realised while decoding.
 
-    python benchmarks/generate.py            # Qwen2 backbone, hidden 1024, 8 layers, 4 experts every other layer
-                                             # (FFN 5.5x hidden, 2 KV heads: Qwen2-1.5B's proportions, the DARE
-                                             # paper's backbone, scaled to 375M parameters)
-    python benchmarks/generate.py --quick    # 4 layers, 16 new tokens
+    python benchmarks/generate.py                        # Qwen2 backbone, hidden 1024, 8 layers, 4 experts every other
+                                                         # layer (FFN 5.5x hidden, 2 KV heads: Qwen2-1.5B's proportions,
+                                                         # the DARE paper's backbone, scaled to 375M parameters); batch 1
+    python benchmarks/generate.py --batch-sizes 1 4 16 64  # + tokens/s by batch size, against weights-read and FLOPs ideals
+    python benchmarks/generate.py --breakdown            # + where one decode step's time goes, Top-2 and DARE
+    python benchmarks/generate.py --quick                # tiny model, runs in well under a minute (smoke run)
 
-A random-weights model has no meaningful difficulty, and thresholds calibrated on its predictions drift
-(the decoded tokens change with the routing). So each DARE layer's predictor still runs (its cost counts), but
-its output is replaced by a fixed schedule: an evenly spread fraction `avg_k - 1` of the tokens is "hard"
-(2 experts), the rest "easy" (1 expert), which pins Avg K at `--avg-k`; the Avg K achieved while decoding in
-the timed runs is printed. "decode tok/s" excludes the prompt: (N - 1) / (t(N tokens) - t(1 token)).
+Timing. Each repetition runs both models' `generate` once, alternating the order (Top-2 first, then DARE first,
+...), so a slow phase of a shared machine hits both alike; the reported ratio is the median over the repetitions
+of DARE tokens/s / Top-2 tokens/s within the same repetition, with its min-max and interquartile range. "Decode
+tokens/s" excludes the prompt: batch x (N - 1) new tokens over the time from the start of the first decoding
+forward (the one after the prompt's) to `generate`'s return, so it includes generate's own per-step work.
+
+Avg K and the ideals. Hooks on each MoE block's experts (`block.experts`: its forward, and `decode_forward`, which
+the CPU decode path calls directly) record the experts every decoded token uses, so the Avg K and the experts read
+per layer are the ones realised in the timed runs. Weights-read ideal: the bytes a decoding step must read, per
+decoded token: every non-expert weight (attention, norms, dense FFNs, routers, DARE's predictors, LM head; not
+the input embedding, of which one row is read) + Avg K x one expert's weights per MoE layer + the KV cache; ideal
+speedup = Top-2 bytes / DARE bytes. With a batch, each expert that any token of the step uses in a layer is read
+once (the union per layer and step). FLOPs ideal: 2 x (non-expert weights + Avg K x expert weights per MoE layer)
++ attention over the cache, per token. Share of the ideal saving realised: (1 - 1/speedup) / (1 - 1/ideal).
+
+A random-weights model has no meaningful difficulty, and thresholds calibrated on its predictions drift (the
+decoded tokens change with the routing). So each DARE layer's predictor still runs (its cost counts), but its
+output is replaced by a fixed schedule: an evenly spread fraction `avg_k - 1` of the tokens is "hard"
+(2 experts), the rest "easy" (1 expert), which pins Avg K at `--avg-k`; the Avg K realised is printed.
+
+Breakdown (`--breakdown`): forward pre/post hooks timed with `time.perf_counter` on the attention and FFN of
+every decoder layer, the MoE experts, the router (the child of each MoE block that is not `experts`) and DARE's
+predictor, the decoder, the LM head and the whole model; the rest is derived by difference (norms and residuals,
+the MoE block's own glue, embeddings / rotary / masks, the routing statistics and losses the model's forward
+builds after the LM head, and generate's own per-step work = step time - model forward).
 """
 
 import argparse
+import math
+import statistics
 import time
+from collections import defaultdict
 
 import torch
-from _common import DTYPES, keep_freed_memory, setup_threads, time_side_by_side
+import torch.nn.functional as F
+from _common import DTYPES, keep_freed_memory, setup_threads
 from transformers import Qwen2Config
 
 from hf_dare import MoECausalLMConfig, MoEForCausalLM
@@ -50,32 +77,35 @@ def build_models(args, dtype) -> tuple[MoEForCausalLM, MoEForCausalLM]:
     return models[0], models[1]
 
 
-class DecodeRecorder:
-    """Forward hooks on every MoE block: the inputs and the experts used per token on decoding steps
-    (one token per sequence)."""
+# ---------------------------------------------------------------------------------------------------------------
+# The model's parts, found by structure (so a rename of the router module does not break the benchmark)
 
-    def __init__(self, model: MoEForCausalLM):
-        self.inputs = {block.layer_idx: [] for block in model.moe_blocks}
-        self.counts = {block.layer_idx: [] for block in model.moe_blocks}
-        self.handles = [block.register_forward_hook(self.hook) for block in model.moe_blocks]
 
-    def hook(self, block, args, output):
-        hidden_states = args[0]
-        if hidden_states.shape[1] == 1:
-            self.inputs[block.layer_idx].append(hidden_states.reshape(-1, hidden_states.shape[-1]))
-            self.counts[block.layer_idx].append(block.routing.expert_counts)
+def moe_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The MoE blocks in layer order (the model's `moe_blocks`, else the modules with an `experts` child)."""
+    blocks = getattr(model, "moe_blocks", None)
+    if blocks is None:
+        blocks = [m for m in model.modules() if isinstance(getattr(m, "experts", None), torch.nn.Module)]
+    return list(blocks)
 
-    def avg_k(self) -> float:
-        return torch.cat([torch.cat(c) for c in self.counts.values()]).float().mean().item()
 
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+def router_of(block: torch.nn.Module) -> torch.nn.Module:
+    """The router of an MoE block: its child that is not `experts` (named `router` or `gate`)."""
+    children = [module for name, module in block.named_children() if name != "experts"]
+    if len(children) != 1:
+        children = [m for m in children if hasattr(m, "weight") or hasattr(m, "difficulty_predictor")]
+    if len(children) != 1:
+        raise RuntimeError(f"cannot tell the router among the children of {type(block).__name__}: {children}")
+    return children[0]
+
+
+def decoder_layers(model: MoEForCausalLM) -> list[torch.nn.Module]:
+    return list(model.model.layers)
 
 
 class ScheduledDifficulty(torch.nn.Module):
     """Runs DARE's real predictor, then replaces its output (T,) by a schedule: of the tokens seen so far, an
-    evenly spread fraction `hard_fraction` gets difficulty 1, the others 0."""
+    evenly spread fraction `hard_fraction` gets difficulty 1, the others 0 (made on the host: one small tensor)."""
 
     def __init__(self, predictor: torch.nn.Module, hard_fraction: float):
         super().__init__()
@@ -85,27 +115,670 @@ class ScheduledDifficulty(torch.nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         predicted = self.predictor(hidden_states)
-        index = torch.arange(self.seen, self.seen + predicted.shape[0], device=predicted.device)
+        start, fraction = self.seen, self.hard_fraction
         self.seen += predicted.shape[0]
-        hard = torch.floor((index + 1) * self.hard_fraction) > torch.floor(index * self.hard_fraction)
-        return hard.to(predicted.dtype) + predicted * 0
+        hard = [math.floor((i + 1) * fraction) > math.floor(i * fraction) for i in range(start, self.seen)]
+        return torch.tensor(hard, dtype=predicted.dtype, device=predicted.device)
 
 
 def schedule_dare(model: MoEForCausalLM, avg_k: float) -> None:
     """Pin DARE's Avg K at `avg_k` (in [1, 2]): tokens use 2 experts on a fixed schedule, 1 otherwise."""
     if not 1.0 <= avg_k <= 2.0:
         raise ValueError(f"avg_k must be in [1, 2] (tokens use 1 or 2 experts), got {avg_k}")
-    for block in model.moe_blocks:
-        router = block.router
+    for block in moe_blocks(model):
+        router = router_of(block)
         router.difficulty_predictor = ScheduledDifficulty(router.difficulty_predictor, avg_k - 1.0)
         taus = router.threshold_tracker.thresholds
         taus.copy_(torch.tensor([0.5] + [2.0 + j for j in range(taus.numel() - 1)], dtype=taus.dtype))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Hooks: decoding steps, experts used, and (for the breakdown) time per module
+
+
+class DecodeProbe:
+    """Hooks on one model, for the `generate` calls run while it is attached:
+
+    - the whole model's forward: counts forwards, tells decoding steps (one new token per sequence) from the
+      prompt's forward, notes when the first decoding step starts and sums the decoding forwards' time;
+    - each MoE block's experts (`forward` through hooks, and `decode_forward` where the CPU decode path calls
+      it directly, wrapped on the instance): the experts (T, K) each token of every decoding step uses,
+      sentinel E in the slots it does not use;
+    - with `timing`, the modules of the breakdown: inclusive seconds per category on decoding steps.
+    """
+
+    def __init__(self, model: MoEForCausalLM, timing: bool = False):
+        self.model = model
+        self.blocks = moe_blocks(model)
+        self.num_experts = self.blocks[0].experts.num_experts
+        self.handles = []
+        self.wrapped = []
+        self.decoding = False
+        self.reset()
+        self.handles.append(model.register_forward_pre_hook(self._model_pre, with_kwargs=True))
+        self.handles.append(model.register_forward_hook(self._model_post))
+        for position, block in enumerate(self.blocks):
+            self._watch_experts(block.experts, position, timing)
+        if timing:
+            self._add_timers()
+
+    def reset(self) -> None:
+        self.forwards = 0
+        self.decode_start = None
+        self.decode_seconds = float("nan")
+        self.decode_steps = 0
+        self.seconds = defaultdict(float)
+        self.indices = []  # (forward number, MoE block position, (T, K) expert indices)
+        self._forward_start = 0.0
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        for experts in self.wrapped:
+            del experts.decode_forward
+        self.handles, self.wrapped = [], []
+
+    def _model_pre(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            input_ids = kwargs["inputs_embeds"]
+        self.forwards += 1
+        self.decoding = self.forwards > 1 and input_ids.shape[1] == 1
+        if self.decoding:
+            self.decode_steps += 1
+        self._forward_start = time.perf_counter()
+        if self.decoding and self.decode_start is None:
+            self.decode_start = self._forward_start
+
+    def _model_post(self, module, args, output):
+        if self.decoding:
+            self.seconds["forward"] += time.perf_counter() - self._forward_start
+
+    def _watch_experts(self, experts: torch.nn.Module, position: int, timing: bool) -> None:
+        active = []  # non-empty while a call is in progress (forward may call decode_forward, or the other way)
+
+        def enter(top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+            active.append(time.perf_counter() if not active else None)
+            if len(active) == 1 and self.decoding:
+                # A slot is used when it names an expert with a nonzero weight: kernels that cannot skip the
+                # sentinel get it as a weight-0 slot of the last expert.
+                used = (top_k_index < self.num_experts) & (top_k_weights != 0)
+                self.indices.append((self.forwards, position, torch.where(used, top_k_index, self.num_experts)))
+
+        def leave() -> None:
+            start = active.pop()
+            if start is not None and timing and self.decoding:
+                self.seconds["experts"] += time.perf_counter() - start
+
+        def pre(module, args, kwargs):
+            values = {**dict(zip(("hidden_states", "top_k_index", "top_k_weights"), args, strict=False)), **kwargs}
+            enter(values["top_k_index"], values["top_k_weights"])
+
+        def post(module, args, kwargs, output):
+            leave()
+
+        self.handles.append(experts.register_forward_pre_hook(pre, with_kwargs=True))
+        self.handles.append(experts.register_forward_hook(post, with_kwargs=True))
+        original = getattr(experts, "decode_forward", None)
+        if original is not None:
+
+            def decode_forward(hidden_states, top_k_index, top_k_weights):
+                enter(top_k_index, top_k_weights)
+                try:
+                    return original(hidden_states, top_k_index, top_k_weights)
+                finally:
+                    leave()
+
+            experts.decode_forward = decode_forward
+            self.wrapped.append(experts)
+
+    def _time(self, module: torch.nn.Module, category: str) -> None:
+        starts = []
+
+        def pre(*_):
+            starts.append(time.perf_counter())
+
+        def post(*_):
+            elapsed = time.perf_counter() - starts.pop()
+            if self.decoding:
+                self.seconds[category] += elapsed
+
+        self.handles.append(module.register_forward_pre_hook(pre))
+        self.handles.append(module.register_forward_hook(post))
+
+    def _add_timers(self) -> None:
+        model = self.model
+        self._time(model.model, "decoder")
+        self._time(model.lm_head, "lm_head")
+        blocks = {id(block) for block in self.blocks}
+        for layer in decoder_layers(model):
+            self._time(layer, "layers")
+            self._time(layer.self_attn, "attention")
+            self._time(layer.mlp, "moe_block" if id(layer.mlp) in blocks else "dense_ffn")
+        for block in self.blocks:
+            router = router_of(block)
+            self._time(router, "router")
+            predictor = getattr(router, "difficulty_predictor", None)
+            if predictor is not None:
+                self._time(predictor, "predictor_wrapper")
+                self._time(getattr(predictor, "predictor", predictor), "predictor")
+
+    # what was recorded -----------------------------------------------------------------------------------------
+
+    def decode_records(self) -> list[tuple[int, int, torch.Tensor]]:
+        if self.decode_steps and not self.indices:
+            raise RuntimeError(
+                "no expert routing recorded on decoding steps: the MoE blocks call their experts some other way "
+                "than `experts(...)` or `experts.decode_forward(...)`; update DecodeProbe"
+            )
+        return self.indices
+
+    def expert_counts(self) -> torch.Tensor:
+        """Experts used by every (decoded token, MoE layer) recorded."""
+        return torch.cat([(idx < self.num_experts).sum(-1).reshape(-1) for _, _, idx in self.decode_records()])
+
+    def avg_k(self) -> float:
+        return self.expert_counts().float().mean().item()
+
+    def avg_k_per_layer(self) -> list[float]:
+        counts = defaultdict(list)
+        for _, position, idx in self.decode_records():
+            counts[position].append((idx < self.num_experts).sum(-1).reshape(-1))
+        return [torch.cat(counts[p]).float().mean().item() for p in sorted(counts)]
+
+    def experts_read_per_step(self) -> float:
+        """Mean over decoding steps of the experts read per step, summed over MoE layers: in each layer every
+        expert that any token of the step uses, once."""
+        per_step = defaultdict(int)
+        for step, _, idx in self.decode_records():
+            per_step[step] += int(torch.unique(idx[idx < self.num_experts]).numel())
+        return statistics.fmean(per_step.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ideals
+
+
+def weights_model(model: MoEForCausalLM) -> dict:
+    """Sizes (bytes and parameters) behind the ideals: non-expert weights read per step (all but the experts and
+    the input embedding; the LM head included, once if tied), one expert of one layer, KV cache per context token."""
+    blocks = moe_blocks(model)
+    expert_params = {id(p) for block in blocks for p in block.experts.parameters()}
+    embed = model.get_input_embeddings().weight
+    lm_head = model.get_output_embeddings().weight
+    non_expert_bytes = non_expert_params = 0
+    for param in model.parameters():
+        if id(param) in expert_params or (param is embed and param is not lm_head):
+            continue
+        non_expert_bytes += param.numel() * param.element_size()
+        non_expert_params += param.numel()
+    experts = blocks[0].experts
+    per_expert = [p.numel() // experts.num_experts for p in experts.parameters()]
+    element_size = next(experts.parameters()).element_size()
+    text = model.config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return {
+        "non_expert_bytes": non_expert_bytes,
+        "non_expert_params": non_expert_params,
+        "expert_bytes": sum(per_expert) * element_size,
+        "expert_params": sum(per_expert),
+        "moe_layers": len(blocks),
+        "kv_bytes_per_context": 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * element_size,
+        "attention_flops_per_context": 4 * text.num_hidden_layers * text.num_attention_heads * head_dim,
+    }
+
+
+def bytes_per_step(sizes: dict, experts_read: float, batch: int, context: float) -> float:
+    """Bytes one decoding step reads: non-expert weights, the experts read (summed over layers), the KV cache."""
+    return (
+        sizes["non_expert_bytes"]
+        + experts_read * sizes["expert_bytes"]
+        + batch * context * sizes["kv_bytes_per_context"]
+    )
+
+
+def flops_per_token(sizes: dict, avg_k: float, context: float) -> float:
+    params = sizes["non_expert_params"] + avg_k * sizes["moe_layers"] * sizes["expert_params"]
+    return 2 * params + sizes["attention_flops_per_context"] * context
+
+
+def share_of_ideal(speedup: float, ideal: float) -> float:
+    """(1 - 1/speedup) / (1 - 1/ideal): the fraction of the ideal saving in time per token realised."""
+    return (1 - 1 / speedup) / (1 - 1 / ideal) if ideal > 1 else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Timing
+
+
 def generate(model: MoEForCausalLM, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
     return model.generate(
-        input_ids, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=True
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        do_sample=False,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        use_cache=True,
     )
+
+
+def timed_generate(model, probe: DecodeProbe, input_ids: torch.Tensor, new_tokens: int) -> float:
+    """Decode tokens/s of one `generate` (the prompt's forward excluded; see the module docstring)."""
+    probe.reset()
+    with torch.no_grad():
+        out = generate(model, input_ids, new_tokens)
+    probe.decode_seconds = time.perf_counter() - probe.decode_start
+    assert out.shape[1] == input_ids.shape[1] + new_tokens, out.shape
+    assert probe.decode_steps == new_tokens - 1, (probe.decode_steps, new_tokens)
+    return input_ids.shape[0] * (new_tokens - 1) / probe.decode_seconds
+
+
+def interleaved(models: dict, probes: dict, input_ids, new_tokens: int, repeats: int, on_run=None) -> dict:
+    """Tokens/s of each model per repetition, the two run back to back in alternating order; `on_run(name,
+    probe)` after each timed run (to collect what the hooks recorded)."""
+    names = list(models)
+    for name in names:  # warm-up: allocations, one-time dispatch
+        timed_generate(models[name], probes[name], input_ids, min(new_tokens, 4))
+    tokens_per_s = {name: [] for name in names}
+    for rep in range(repeats):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            tokens_per_s[name].append(timed_generate(models[name], probes[name], input_ids, new_tokens))
+            if on_run is not None:
+                on_run(name, probes[name])
+    return tokens_per_s
+
+
+def spread(values: list[float]) -> dict:
+    ordered = sorted(values)
+    if len(ordered) >= 2:
+        q1, median, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+    else:
+        q1 = median = q3 = ordered[0]
+    return {"median": median, "min": ordered[0], "max": ordered[-1], "q1": q1, "q3": q3}
+
+
+class Collector:
+    """What the probes saw over the timed runs of each model: Avg K and experts read per step."""
+
+    def __init__(self):
+        self.counts = defaultdict(list)
+        self.per_layer = defaultdict(list)
+        self.experts_read = defaultdict(list)
+
+    def __call__(self, name: str, probe: DecodeProbe) -> None:
+        self.counts[name].append(probe.expert_counts())
+        self.per_layer[name].append(probe.avg_k_per_layer())
+        self.experts_read[name].append(probe.experts_read_per_step())
+
+    def avg_k(self, name: str) -> float:
+        return torch.cat(self.counts[name]).float().mean().item()
+
+    def avg_k_per_layer(self, name: str) -> list[float]:
+        return [statistics.fmean(values) for values in zip(*self.per_layer[name], strict=True)]
+
+    def experts_read_per_step(self, name: str) -> float:
+        return statistics.fmean(self.experts_read[name])
+
+
+def prompt(args, batch: int, prompt_len: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(batch)
+    return torch.randint(1, args.vocab, (batch, prompt_len), generator=generator)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. the headline: DARE / Top-2 at one batch size
+
+
+def headline(args, models, probes, sizes) -> dict:
+    input_ids = prompt(args, args.batch_size, args.prompt_len)
+    collector = Collector()
+    tokens_per_s = interleaved(models, probes, input_ids, args.new_tokens, args.repeats, collector)
+    ratios = [d / t for d, t in zip(tokens_per_s["dare"], tokens_per_s["top2"], strict=True)]
+    ratio = spread(ratios)
+    avg_k = {name: collector.avg_k(name) for name in models}
+    context = args.prompt_len + args.new_tokens / 2
+    moe = sizes["top2"]["moe_layers"]
+    # At batch 1 the experts read per step are the token's: Avg K per MoE layer.
+    read = {name: collector.experts_read_per_step(name) for name in models}
+    nbytes = {name: bytes_per_step(sizes[name], read[name], args.batch_size, context) for name in models}
+    ideal = nbytes["top2"] / nbytes["dare"]
+    share = share_of_ideal(ratio["median"], ideal)
+
+    print(
+        f"\n## decode, batch {args.batch_size}: {args.repeats} interleaved repetitions, {args.new_tokens} new tokens"
+    )
+    print(
+        f"| {'router':<6} | {'Avg K (decode)':>14} | {'decode tok/s, median':>20} | {'min - max':>15} | {'MB read / token':>15} |"
+    )
+    print(f"|{'-' * 8}|{'-' * 16}|{'-' * 22}|{'-' * 17}|{'-' * 17}|")
+    for name in models:
+        s = spread(tokens_per_s[name])
+        print(
+            f"| {name:<6} | {avg_k[name]:>14.3f} | {s['median']:>20.2f} | {s['min']:>6.2f} - {s['max']:<6.2f} "
+            f"| {nbytes[name] / 1e6 / args.batch_size:>15.1f} |"
+        )
+    per_layer = " ".join(f"{k:.3f}" for k in collector.avg_k_per_layer("dare"))
+    print(f"\nper-pair ratios DARE / Top-2: {' '.join(f'{r:.3f}' for r in ratios)}")
+    print(
+        f"DARE / Top-2 decode tokens/s, median of {len(ratios)} per-pair ratios: {ratio['median']:.3f} "
+        f"(min {ratio['min']:.3f}, max {ratio['max']:.3f}; interquartile range {ratio['q1']:.3f} - {ratio['q3']:.3f})"
+    )
+    print(
+        f"Avg K realised while decoding (DARE): {avg_k['dare']:.3f} (per MoE layer: {per_layer}); Top-2: {avg_k['top2']:.3f}"
+    )
+    print(
+        f"weights-read ideal at that Avg K: {ideal:.3f} (Top-2 {nbytes['top2'] / 1e6:.1f} MB, DARE "
+        f"{nbytes['dare'] / 1e6:.1f} MB read per step: non-expert weights incl. LM head "
+        f"{sizes['top2']['non_expert_bytes'] / 1e6:.1f} / {sizes['dare']['non_expert_bytes'] / 1e6:.1f} MB, one "
+        f"expert {sizes['top2']['expert_bytes'] / 1e6:.1f} MB x {moe} MoE layers x experts read per layer "
+        f"{read['top2'] / moe:.2f} / {read['dare'] / moe:.2f}, KV cache)"
+    )
+    print(f"share of the ideal saving realised: {share:.1%}  ((1 - 1/{ratio['median']:.3f}) / (1 - 1/{ideal:.3f}))")
+    print(
+        f"RESULT ratio={ratio['median']:.4f} ratio_min={ratio['min']:.4f} ratio_max={ratio['max']:.4f} "
+        f"ratio_q1={ratio['q1']:.4f} ratio_q3={ratio['q3']:.4f} avg_k={avg_k['dare']:.4f} ideal={ideal:.4f} "
+        f"share={share:.4f}"
+    )
+    return {"ratio": ratio, "avg_k": avg_k, "ideal": ideal, "tokens_per_s": tokens_per_s, "collector": collector}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. by batch size
+
+
+def by_batch_size(args, models, probes, sizes, first: dict) -> None:
+    """`first`: the headline's measurement, reused for its batch size."""
+    rows = []
+    for batch in args.batch_sizes:
+        # Fewer repetitions, new tokens and prompt tokens for large batches (a step costs ~ batch x FLOPs there).
+        if batch in (1, args.batch_size):
+            repeats, new_tokens, prompt_len = args.repeats, args.new_tokens, args.prompt_len
+        elif batch <= 4:
+            repeats, new_tokens, prompt_len = max(3, args.repeats // 2), args.new_tokens, args.prompt_len
+        else:
+            repeats = 3
+            new_tokens = max(8, args.new_tokens // (2 if batch <= 16 else 4))
+            prompt_len = max(4, args.prompt_len // 4)
+        if batch == args.batch_size:  # the headline's
+            collector, tokens_per_s = first["collector"], first["tokens_per_s"]
+        else:
+            input_ids = prompt(args, batch, prompt_len)
+            collector = Collector()
+            tokens_per_s = interleaved(models, probes, input_ids, new_tokens, repeats, collector)
+        ratios = [d / t for d, t in zip(tokens_per_s["dare"], tokens_per_s["top2"], strict=True)]
+        context = prompt_len + new_tokens / 2
+        avg_k = {name: collector.avg_k(name) for name in models}
+        read = {name: collector.experts_read_per_step(name) for name in models}
+        step_bytes = {name: bytes_per_step(sizes[name], read[name], batch, context) for name in models}
+        flops = {name: flops_per_token(sizes[name], avg_k[name], context) for name in models}
+        rows.append(
+            dict(
+                batch=batch,
+                repeats=repeats,
+                new_tokens=new_tokens,
+                prompt=prompt_len,
+                top2=statistics.median(tokens_per_s["top2"]),
+                dare=statistics.median(tokens_per_s["dare"]),
+                ratio=spread(ratios),
+                avg_k=avg_k["dare"],
+                read_top2=read["top2"] / sizes["top2"]["moe_layers"],
+                read_dare=read["dare"] / sizes["dare"]["moe_layers"],
+                weights_ideal=step_bytes["top2"] / step_bytes["dare"],
+                flops_ideal=flops["top2"] / flops["dare"],
+            )
+        )
+        print(
+            f"  batch {batch}: done ({repeats} repetitions, prompt {prompt_len}, {new_tokens} new tokens)", flush=True
+        )
+
+    print("\n## decode tokens/s by batch size (medians; ratio = median of per-pair ratios, [min - max])")
+    print(
+        "| batch | Top-2 tok/s | DARE tok/s | DARE / Top-2          | Avg K | experts read / layer, Top-2 / DARE "
+        "| weights ideal | FLOPs ideal | share of weights / FLOPs ideal |"
+    )
+    print(
+        f"|------:|------------:|-----------:|{'-' * 23}|------:|{'-' * 36}|--------------:|------------:|{'-' * 32}|"
+    )
+    for r in rows:
+        ratio = r["ratio"]
+        shares = f"{share_of_ideal(ratio['median'], r['weights_ideal']):6.1%} / {share_of_ideal(ratio['median'], r['flops_ideal']):6.1%}"
+        print(
+            f"| {r['batch']:>5} | {r['top2']:>11.2f} | {r['dare']:>10.2f} | "
+            f"{ratio['median']:.3f} [{ratio['min']:.3f} - {ratio['max']:.3f}] | {r['avg_k']:.3f} | "
+            f"{r['read_top2']:>15.2f} / {r['read_dare']:<16.2f} | {r['weights_ideal']:>13.3f} | "
+            f"{r['flops_ideal']:>11.3f} | {shares:>30} |"
+        )
+    print(
+        "(weights ideal: every expert any token of the step uses in a layer is read once; FLOPs ideal: Avg K x expert "
+        "FLOPs + the rest, per token. Batches above 4 use a shorter prompt and fewer new tokens, see above.)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. breakdown of one decode step
+
+
+ROWS = (
+    ("attention", "attention (self_attn, all layers)"),
+    ("norms", "norms + residuals (decoder layers - attention - FFN)"),
+    ("dense_ffn", "dense FFNs (non-MoE layers)"),
+    ("experts", "MoE experts"),
+    ("router", "router (gate linear, softmax, top-k, thresholds)"),
+    ("predictor", "DARE difficulty predictor"),
+    ("schedule", "difficulty schedule (benchmark only)"),
+    ("block_glue", "MoE block glue (block - router - experts)"),
+    ("decoder_other", "embedding, rotary, masks, final norm"),
+    ("lm_head", "LM head"),
+    ("bookkeeping", "routing statistics / losses in the output"),
+    ("generate", "generate's own per-step work"),
+)
+
+
+def derive(seconds: dict, step: float) -> dict:
+    """Exclusive ms per row from the inclusive seconds the hooks summed (all per decoding step)."""
+    s = defaultdict(float, seconds)
+    predictor_wrapper = s["predictor_wrapper"]
+    rows = {
+        "attention": s["attention"],
+        "norms": s["layers"] - s["attention"] - s["dense_ffn"] - s["moe_block"],
+        "dense_ffn": s["dense_ffn"],
+        "experts": s["experts"],
+        "router": s["router"] - predictor_wrapper,
+        "predictor": s["predictor"],
+        "schedule": predictor_wrapper - s["predictor"],
+        "block_glue": s["moe_block"] - s["router"] - s["experts"],
+        "decoder_other": s["decoder"] - s["layers"],
+        "lm_head": s["lm_head"],
+        "bookkeeping": s["forward"] - s["decoder"] - s["lm_head"],
+        "generate": step - s["forward"],
+    }
+    return {name: value * 1e3 for name, value in rows.items()}
+
+
+def bench(fn, repeats: int) -> float:
+    """Median seconds of `fn()` over `repeats` calls (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def what_ifs(dare: MoEForCausalLM, avg_k: float, repeats: int) -> dict:
+    """Micro-timings, in ms per decoding step (batch 1, all MoE layers), of what a leaner decode path would cost:
+    the bare expert matmuls at the realised Avg K (no routing, no Python loop), the router with DARE's real
+    predictor as it runs now (without the benchmark's schedule), and the same decision with the router and the
+    predictor's first layer fused into one matmul on the shared input (RMSNorm's weight folded into that layer,
+    the per-token 1/rms applied after the matmul)."""
+    blocks = moe_blocks(dare)
+    router = router_of(blocks[0])
+    scheduled = router.difficulty_predictor
+    predictor = getattr(scheduled, "predictor", scheduled)
+    first = blocks[0].experts
+    dtype = first.gate_up_proj.dtype
+    hidden = torch.randn(1, first.gate_up_proj.shape[-1], dtype=dtype)
+    result = {}
+    with torch.no_grad():
+        # Cycle over the experts of every MoE layer, so the weights come from memory as in decoding.
+        weights = [
+            (b.experts.gate_up_proj[e], b.experts.down_proj[e]) for b in blocks for e in range(first.num_experts)
+        ]
+        position = [0]
+
+        def one_expert():
+            gate_up, down = weights[position[0] % len(weights)]
+            position[0] += 1
+            gate, up = F.linear(hidden, gate_up).chunk(2, dim=-1)
+            F.linear(F.silu(gate) * up, down)
+
+        expert_ms = bench(one_expert, repeats * len(weights)) * 1e3
+        result["bare_experts"] = expert_ms * avg_k * len(blocks)
+        result["bare_experts_top2"] = expert_ms * 2 * len(blocks)
+
+        router.difficulty_predictor = predictor
+        try:
+            routing = router(hidden)
+            result["router_now"] = bench(lambda: router(hidden), repeats * 20) * 1e3 * len(blocks)
+        except Exception as error:  # the router's interface changed: skip this what-if
+            print(f"(router micro-timing skipped: {type(error).__name__}: {error})")
+            return result
+        finally:
+            router.difficulty_predictor = scheduled
+
+        num_experts = router.weight.shape[0]
+        fused_weight = torch.cat([router.weight.float(), (predictor.up.weight * predictor.norm.weight).float()])
+        eps = predictor.norm.eps or torch.finfo(dtype).eps
+        thresholds = router.threshold_tracker.thresholds
+        width = routing.expert_indices.shape[-1]
+
+        def fused():
+            x = hidden.float()
+            both = x @ fused_weight.t()
+            scale = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+            logits = both[:, :num_experts]
+            up = torch.addcmul(predictor.up.bias, both[:, num_experts:], scale)
+            difficulty = F.softplus(predictor.down(F.silu(up))).squeeze(-1)
+            counts = 1 + (difficulty[:, None] >= thresholds[None, :]).sum(-1)
+            return router.route(logits, F.softmax(logits, dim=-1), counts, width, dtype, difficulty)
+
+        check = fused()
+        torch.testing.assert_close(check.difficulty, routing.difficulty, rtol=1e-4, atol=1e-5)
+        result["router_fused"] = bench(fused, repeats * 20) * 1e3 * len(blocks)
+    return result
+
+
+def breakdown(args, models, sizes) -> None:
+    input_ids = prompt(args, 1, args.prompt_len)
+    probes = {name: DecodeProbe(model, timing=True) for name, model in models.items()}
+    ms = {name: defaultdict(list) for name in models}
+    steps = {name: [] for name in models}
+
+    def on_run(name, probe):
+        step = probe.decode_seconds / probe.decode_steps
+        per_step = {key: value / probe.decode_steps for key, value in probe.seconds.items()}
+        for key, value in derive(per_step, step).items():
+            ms[name][key].append(value)
+        steps[name].append(step * 1e3)
+
+    collector = Collector()
+
+    def collect(name, probe):
+        on_run(name, probe)
+        collector(name, probe)
+
+    interleaved(models, probes, input_ids, args.new_tokens, args.breakdown_repeats, collect)
+    for probe in probes.values():
+        probe.remove()
+    avg_k = collector.avg_k("dare")
+    med = {name: {key: statistics.median(values) for key, values in ms[name].items()} for name in models}
+    step = {name: statistics.median(steps[name]) for name in models}
+    print(
+        f"\n## where one decode step's time goes (batch 1, medians of {args.breakdown_repeats} interleaved runs of "
+        f"{args.new_tokens - 1} decoding steps, hooks attached; DARE Avg K {avg_k:.3f})"
+    )
+    print(f"| {'part':<52} | {'Top-2 ms':>8} | {'share':>6} | {'DARE ms':>8} | {'share':>6} | {'DARE - Top-2':>12} |")
+    print(f"|{'-' * 54}|{'-' * 10}|{'-' * 8}|{'-' * 10}|{'-' * 8}|{'-' * 14}|")
+    for key, label in ROWS:
+        t, d = med["top2"][key], med["dare"][key]
+        print(
+            f"| {label:<52} | {t:8.2f} | {t / step['top2']:6.1%} | {d:8.2f} | {d / step['dare']:6.1%} | {d - t:+12.2f} |"
+        )
+    t_sum, d_sum = sum(med["top2"].values()), sum(med["dare"].values())
+    print(
+        f"| {'step (sum of the rows)':<52} | {t_sum:8.2f} | {'':6} | {d_sum:8.2f} | {'':6} | {d_sum - t_sum:+12.2f} |"
+    )
+    print(
+        f"| {'step (measured)':<52} | {step['top2']:8.2f} | {'':6} | {step['dare']:8.2f} | {'':6} | {step['dare'] - step['top2']:+12.2f} |"
+    )
+
+    # Where the gap between the realised and the weights-read ideal goes.
+    context = args.prompt_len + args.new_tokens / 2
+    moe = sizes["top2"]["moe_layers"]
+    nbytes = {name: bytes_per_step(sizes[name], k * moe, 1, context) for name, k in (("top2", 2.0), ("dare", avg_k))}
+    ideal = nbytes["top2"] / nbytes["dare"]
+    t_step, d_step = step["top2"], step["dare"]
+    ideal_dare = t_step / ideal
+    t_exp, d_exp = med["top2"]["experts"], med["dare"]["experts"]
+    proportional_exp = t_exp * avg_k / 2
+    time_ideal = t_step - (t_exp - proportional_exp)
+    speedup = t_step / d_step
+    print(
+        f"\n### gap to the weights-read ideal (this run: speedup {speedup:.3f}, ideal {ideal:.3f}, "
+        f"{share_of_ideal(speedup, ideal):.0%} of the ideal saving)"
+    )
+    print(
+        f"ideal DARE step = Top-2 step / ideal = {t_step:.2f} / {ideal:.3f} = {ideal_dare:.2f} ms; measured {d_step:.2f} ms; gap {d_step - ideal_dare:+.2f} ms:"
+    )
+    gap_rows = [
+        (
+            "dilution: Top-2's non-expert time is above its bytes' share",
+            time_ideal - ideal_dare,
+            f"non-expert {t_step - t_exp:.2f} ms = {(t_step - t_exp) / t_step:.0%} of the step, bytes say "
+            f"{1 - 2 * moe * sizes['top2']['expert_bytes'] / nbytes['top2']:.0%}",
+        ),
+        (
+            "experts: DARE's experts vs Avg K/2 x Top-2's",
+            d_exp - proportional_exp,
+            f"{d_exp:.2f} ms vs {avg_k:.3f}/2 x {t_exp:.2f} = {proportional_exp:.2f} ms",
+        ),
+    ]
+    for key, label in ROWS:
+        if key != "experts":
+            gap_rows.append((f"{label}: DARE - Top-2", med["dare"][key] - med["top2"][key], ""))
+    gap_rows.append(("timing noise (measured step - sum of the rows)", (d_step - d_sum) - (t_step - t_sum), ""))
+    for label, value, note in gap_rows:
+        print(f"  {value:+7.2f} ms  {label}{'  (' + note + ')' if note else ''}")
+
+    wi = what_ifs(models["dare"], avg_k, max(3, args.breakdown_repeats))
+    print("\n### micro-timings for a leaner decode path (ms per decoding step, all MoE layers, batch 1)")
+    print(
+        f"bare expert matmuls at Avg K {avg_k:.3f}: {wi['bare_experts']:.2f} ms (DARE's experts took "
+        f"{d_exp:.2f} ms) ; at K = 2: {wi['bare_experts_top2']:.2f} ms (Top-2's took {t_exp:.2f} ms)"
+    )
+    if "router_fused" in wi:
+        print(
+            f"router with DARE's predictor as now (no schedule): {wi['router_now']:.2f} ms; router and predictor "
+            f"fused into one matmul on the shared input: {wi['router_fused']:.2f} ms"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+QUICK = dict(
+    hidden=256,
+    intermediate=1408,
+    layers=4,
+    heads=4,
+    kv_heads=2,
+    vocab=1024,
+    prompt_len=16,
+    new_tokens=16,
+    repeats=10,
+    breakdown_repeats=2,
+)
 
 
 def main() -> None:
@@ -119,65 +792,56 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=1, help="batch of the headline measurement")
     parser.add_argument("--avg-k", type=float, default=1.2, help="DARE's forced Avg K while decoding (1..2)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     parser.add_argument("--impl", default=None, help="experts implementation (default: the model's default)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="4 layers, 16 new tokens, 2 repeats")
+    parser.add_argument("--repeats", type=int, default=10, help="interleaved repetitions (pairs) of the headline")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default 2; --quick: 1)")
+    parser.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=None, help="also decode tokens/s at these batch sizes"
+    )
+    parser.add_argument("--breakdown", action="store_true", help="also where one decode step's time goes")
+    parser.add_argument("--breakdown-repeats", type=int, default=3)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny model (hidden 256, 4 layers, vocab 1024), 16 new tokens, 10 repetitions, 1 thread: well under a minute",
+    )
+    if parser.parse_known_args()[0].quick:  # the tiny model's settings, unless given on the command line
+        parser.set_defaults(**QUICK)
     args = parser.parse_args()
-    keep_freed_memory()
-    if args.quick:
-        args.layers, args.new_tokens, args.repeats = 4, 16, 2
+    if args.threads is None:
+        args.threads = 1 if args.quick else 2
+    if not args.quick:  # the tiny model's activations are too small for page faults to matter
+        keep_freed_memory()
+    if args.new_tokens < 3:
+        parser.error("--new-tokens must be at least 3")
 
     started = time.perf_counter()
     print(f"# generation benchmark: {setup_threads(args.threads)}, {args.dtype}")
     top2, dare = build_models(args, DTYPES[args.dtype])
     total = sum(p.numel() for p in top2.parameters())
     print(
-        f"Qwen2 backbone: hidden {args.hidden}, {args.layers} layers ({len(top2.moe_blocks)} MoE, {args.experts} "
-        f"experts, intermediate {args.intermediate}), vocab {args.vocab}: {total / 1e6:.0f}M parameters; "
-        f"experts implementation {top2.config._experts_implementation}; batch 1, prompt {args.prompt_len}, "
-        f"{args.new_tokens} new tokens, repeats {args.repeats}"
+        f"Qwen2 backbone: hidden {args.hidden}, {args.layers} layers ({len(moe_blocks(top2))} MoE, {args.experts} "
+        f"experts, intermediate {args.intermediate}), {args.heads} heads, {args.kv_heads} KV heads, vocab {args.vocab}: "
+        f"{total / 1e6:.0f}M parameters; experts implementation {top2.config._experts_implementation}; prompt "
+        f"{args.prompt_len}; DARE pinned at Avg K {args.avg_k} (real predictor, fixed schedule)"
     )
-    input_ids = torch.randint(1, args.vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     schedule_dare(dare, args.avg_k)
+    models = {"top2": top2, "dare": dare}
+    sizes = {name: weights_model(model) for name, model in models.items()}
+    probes = {name: DecodeProbe(model) for name, model in models.items()}
 
-    recorder = DecodeRecorder(dare)
-    with torch.no_grad():
-        lengths = {generate(model, input_ids, args.new_tokens).shape[1] for model in (top2, dare)}
-    achieved = recorder.avg_k()
-    recorder.remove()
-    assert lengths == {args.prompt_len + args.new_tokens}, lengths
-
-    def case(model, new_tokens):
-        def run():
-            with torch.no_grad():
-                generate(model, input_ids, new_tokens)
-
-        return run
-
-    times = time_side_by_side(
-        {
-            "top2": case(top2, args.new_tokens),
-            "dare": case(dare, args.new_tokens),
-            "top2_first": case(top2, 1),
-            "dare_first": case(dare, 1),
-        },
-        args.repeats,
-        warmup=1,
-    )
-    decode = {name: (args.new_tokens - 1) / (times[name] - times[f"{name}_first"]) for name in ("top2", "dare")}
-    overall = {name: args.new_tokens / times[name] for name in ("top2", "dare")}
-    print(f"\n| {'router':<6} | {'Avg K (decode)':>14} | {'tok/s (incl. prompt)':>20} | {'decode tok/s':>12} |")
-    print(f"|{'-' * 8}|{'-' * 16}|{'-' * 22}|{'-' * 14}|")
-    for name, k in (("top2", 2.0), ("dare", achieved)):
-        print(f"| {name:<6} | {k:>14.3f} | {overall[name]:>20.2f} | {decode[name]:>12.2f} |")
-    print(
-        f"\nDARE / Top-2 tokens/s: {overall['dare'] / overall['top2']:.3f} (incl. prompt), "
-        f"{decode['dare'] / decode['top2']:.3f} (decode only); target >= 1.2"
-    )
-    print(f"total time {time.perf_counter() - started:.0f} s")
+    first = headline(args, models, probes, sizes)
+    if args.batch_sizes:
+        print("\n## by batch size", flush=True)
+        by_batch_size(args, models, probes, sizes, first)
+    for probe in probes.values():
+        probe.remove()
+    if args.breakdown:
+        breakdown(args, models, sizes)
+    print(f"\ntotal time {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def build_modules(args, dtype) -> dict[str, nn.Module]:
     dare = MoEBlock(dare_config, 0)
     dare.load_state_dict(top2.state_dict(), strict=False)
     fixed = MoEBlock(dare_config, 0)
-    fixed.router = FixedCountsRouter(dare_config, torch.ones(1, dtype=torch.long))
+    fixed.gate = FixedCountsRouter(dare_config, torch.ones(1, dtype=torch.long))
     fixed.load_state_dict(top2.state_dict(), strict=False)
 
     qwen3_config = Qwen3MoeConfig(
@@ -96,7 +96,7 @@ def build_modules(args, dtype) -> dict[str, nn.Module]:
         hidden_act="silu",
     )
     transformers_block = Qwen3MoeSparseMoeBlock(qwen3_config)
-    transformers_block.gate.weight.data.copy_(top2.router.weight.data)
+    transformers_block.gate.weight.data.copy_(top2.gate.weight.data)
     transformers_block.experts.gate_up_proj.data.copy_(top2.experts.gate_up_proj.data)
     transformers_block.experts.down_proj.data.copy_(top2.experts.down_proj.data)
 
@@ -138,9 +138,9 @@ def train_case(module: nn.Module, hidden_states: torch.Tensor, grad_output: torc
     inputs = hidden_states.detach().requires_grad_(True)
     params = list(module.parameters())
     is_block = isinstance(module, MoEBlock)
-    is_dare = is_block and hasattr(module.router, "threshold_tracker")
+    is_dare = is_block and hasattr(module.gate, "threshold_tracker")
     target = torch.rand(hidden_states.shape[:-1]) * 4 if is_dare else None
-    saved = module.router.threshold_tracker.thresholds.clone() if is_dare else None
+    saved = module.gate.threshold_tracker.thresholds.clone() if is_dare else None
 
     def run():
         for param in params:
@@ -153,11 +153,11 @@ def train_case(module: nn.Module, hidden_states: torch.Tensor, grad_output: torc
             loss = loss + 0.01 * routing.aux_loss
             if is_dare:
                 loss = loss + F.mse_loss(routing.difficulty.view(target.shape).float(), target)
-                module.router.threshold_tracker.observe(routing.difficulty)
+                module.gate.threshold_tracker.observe(routing.difficulty)
         loss.backward()
         if is_dare:
-            module.router.threshold_tracker.update()
-            module.router.threshold_tracker.thresholds.copy_(saved)
+            module.gate.threshold_tracker.update()
+            module.gate.threshold_tracker.thresholds.copy_(saved)
 
     return run
 
@@ -177,11 +177,11 @@ def run_implementation(args, modules, implementation: str, num_tokens: int, dtyp
     set_implementation(modules, implementation)
     flat = hidden_states.reshape(-1, args.hidden)
     dare, fixed = modules["dare"], modules["fixed"]
-    force_dare_avg_k(dare.router, flat, args.avg_k)
+    force_dare_avg_k(dare.gate, flat, args.avg_k)
     dare.eval()
     with torch.no_grad():
         dare(hidden_states)
-    fixed.router.fixed_counts = dare.pop_routing().expert_counts.clone()
+    fixed.gate.fixed_counts = dare.pop_routing().expert_counts.clone()
 
     with torch.no_grad():
         reference = modules["top2"](hidden_states)
@@ -195,7 +195,7 @@ def run_implementation(args, modules, implementation: str, num_tokens: int, dtyp
         "dense": 1.0,
         "dense_qwen": 1.0,
         "transformers": 2.0,
-        "fixed": fixed.router.fixed_counts.float().mean().item(),
+        "fixed": fixed.gate.fixed_counts.float().mean().item(),
     }
     avg_k_eval = avg_k_of(dare, hidden_states, training=False)
     avg_k_train = avg_k_of(dare, hidden_states, training=True)

@@ -38,15 +38,8 @@ def toy_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("runs/quickstart"))
-    parser.add_argument("--steps", type=int, default=60)
-    args = parser.parse_args(argv)
-    torch.manual_seed(0)
-
-    # 1. A tiny Qwen2-layout decoder whose every other FFN is 4 experts, routed by DARE.
-    tokenizer = toy_tokenizer()
+def build_model(tokenizer: PreTrainedTokenizerFast):
+    """A tiny Qwen2-layout decoder whose every other FFN is 4 experts, routed by DARE."""
     text_config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -61,20 +54,21 @@ def main(argv: list[str] | None = None) -> None:
     config = hf_dare.MoECausalLMConfig(
         text_config=text_config, router="dare", num_experts=4, target_distribution=[0.6, 0.3, 0.09, 0.01]
     )
-    model = AutoModelForCausalLM.from_config(config)
-    print(f"built {type(model).__name__}: MoE layers {config.moe_layers}, {model.num_parameters():,} parameters")
+    return AutoModelForCausalLM.from_config(config)
 
-    # 2. Train with the standard Trainer; MoETrainer adds DARE's threshold updates and routing metrics.
+
+def train(model, tokenizer: PreTrainedTokenizerFast, out: Path, steps: int) -> MoETrainer:
+    """The standard Trainer's loop; MoETrainer adds DARE's threshold updates and the routing metrics."""
     dataset = Dataset.from_dict({"text": toy_corpus(512)}).map(
         lambda batch: tokenizer(batch["text"]), batched=True, remove_columns=["text"]
     )
     training_args = MoETrainingArguments(
-        output_dir=str(args.out / "checkpoints"),
-        max_steps=args.steps,
+        output_dir=str(out / "checkpoints"),
+        max_steps=steps,
         per_device_train_batch_size=16,
         learning_rate=3e-3,
         predictor_learning_rate=1e-2,
-        logging_steps=max(args.steps // 3, 1),
+        logging_steps=max(steps // 3, 1),
         save_strategy="no",
         report_to="none",
         use_cpu=True,
@@ -87,25 +81,42 @@ def main(argv: list[str] | None = None) -> None:
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
     )
     trainer.train()
+    return trainer
+
+
+def show_routing(model, tokenizer: PreTrainedTokenizerFast) -> None:
+    """Generate, and print how many experts the tokens used in each MoE layer."""
+    prompt = tokenizer(["the cat sat on"], return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=6, do_sample=False)
+    print("generated:", tokenizer.decode(generated[0], skip_special_tokens=True))
+    with torch.no_grad():
+        outputs = model(generated)
+    stats = hf_dare.routing_statistics(outputs.expert_counts, outputs.expert_load)
+    for layer, avg_k in zip(model.config.moe_layers, stats["avg_k_per_layer"], strict=True):
+        print(f"MoE layer {layer}: Avg K = {avg_k:.2f} experts per token")
+    print(f"overall Avg K = {stats['avg_k']:.2f} (Top-2 would use 2.00)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/quickstart"))
+    parser.add_argument("--steps", type=int, default=60)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+
+    tokenizer = toy_tokenizer()
+    model = build_model(tokenizer)
+    print(f"built {type(model).__name__}: MoE layers {model.config.moe_layers}, {model.num_parameters():,} parameters")
+
+    trainer = train(model, tokenizer, args.out, args.steps)
     logged = trainer.state.log_history[-2]
     print(f"after {args.steps} steps: ce {logged['loss/ce']:.3f}, difficulty loss {logged['loss/difficulty']:.3f}")
 
-    # 3. Save (weights + the model code + auto_map), then load it back the way any user would.
+    # Save (weights + the model code + auto_map), then load it back the way any user would.
     model_dir = args.out / "model"
     trainer.save_model(model_dir)
     tokenizer.save_pretrained(model_dir)
-    loaded = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
-
-    # 4. Generate, and look at how many experts each token used in each MoE layer.
-    prompt = tokenizer(["the cat sat on"], return_tensors="pt")
-    generated = loaded.generate(**prompt, max_new_tokens=6, do_sample=False)
-    print("generated:", tokenizer.decode(generated[0], skip_special_tokens=True))
-    with torch.no_grad():
-        outputs = loaded(generated)
-    stats = hf_dare.routing_statistics(outputs.expert_counts, outputs.expert_load)
-    for layer, avg_k in zip(loaded.config.moe_layers, stats["avg_k_per_layer"], strict=True):
-        print(f"MoE layer {layer}: Avg K = {avg_k:.2f} experts per token")
-    print(f"overall Avg K = {stats['avg_k']:.2f} (Top-2 would use 2.00)")
+    show_routing(AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval(), tokenizer)
 
 
 if __name__ == "__main__":

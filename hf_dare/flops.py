@@ -14,7 +14,7 @@ positions for a sequence of L real tokens), plus 2 * `lm_head_params` with `incl
 import torch
 from torch import nn
 
-from .modeling.modeling_moe_llava import MoEOutputWithPast
+from .modeling import MoEOutputWithPast, avg_k_per_layer, avg_k_sums
 
 MODALITIES = ("all", "text", "vision")
 
@@ -22,21 +22,6 @@ MODALITIES = ("all", "text", "vision")
 def _language_model(model: nn.Module) -> nn.Module:
     inner = model.model
     return getattr(inner, "language_model", inner)
-
-
-def _token_selection(outputs: MoEOutputWithPast, modality: str) -> torch.Tensor | None:
-    """(B, L) bool of the tokens to average over, or None for all of them."""
-    if modality not in MODALITIES:
-        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
-    selected = outputs.token_mask
-    if modality != "all":
-        if outputs.vision_mask is None:
-            if modality == "vision":
-                raise ValueError("modality='vision' needs `outputs.vision_mask` (an MoE-LLaVA forward)")
-            return selected
-        wanted = outputs.vision_mask if modality == "vision" else ~outputs.vision_mask
-        selected = wanted if selected is None else selected & wanted
-    return selected
 
 
 def activated_parameters(model: nn.Module, outputs: MoEOutputWithPast, modality: str = "all") -> dict:
@@ -49,14 +34,15 @@ def activated_parameters(model: nn.Module, outputs: MoEOutputWithPast, modality:
     """
     if outputs.expert_counts is None:
         raise ValueError("outputs.expert_counts is missing: pass the output of an hf_dare MoE model's forward")
-    selected = _token_selection(outputs, modality)
-    avg_k_per_layer = []
-    for counts in outputs.expert_counts:
-        chosen = counts if selected is None else counts[selected.to(counts.device)]
-        if chosen.numel() == 0:
-            raise ValueError(f"no tokens selected (modality={modality!r}) to average the expert counts over")
-        avg_k_per_layer.append(chosen.float().mean().item())
-    return activated_parameters_at(model, avg_k_per_layer)
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    if modality == "vision" and outputs.vision_mask is None:
+        raise ValueError("modality='vision' needs `outputs.vision_mask` (an MoE-LLaVA forward)")
+    k_sum, tokens = avg_k_sums(outputs.expert_counts, outputs.token_mask, outputs.vision_mask)
+    by_layer = avg_k_per_layer(k_sum, tokens, modality)
+    if None in by_layer:
+        raise ValueError(f"no tokens selected (modality={modality!r}) to average the expert counts over")
+    return activated_parameters_at(model, by_layer)
 
 
 def activated_parameters_at(model: nn.Module, avg_k_per_layer: list[float]) -> dict:

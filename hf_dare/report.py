@@ -33,78 +33,91 @@ def accuracy_by_difficulty(evaluation: VqaEvaluation, bins: int = 5) -> tuple[li
     return centres, accuracies
 
 
-def write_report(evaluation: VqaEvaluation, out_dir: str | Path, title: str = "") -> list[Path]:
-    """Write `evaluation.json` and the PNG plots into `out_dir`; returns the files written."""
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_avg_k(routing: dict[str, float], layers: list[int], title: str):
+    """Avg K by MoE layer (all tokens, text, vision: the groups logged for every layer) and by modality."""
     plt = _pyplot()
+    fig, (by_layer, by_modality) = plt.subplots(1, 2, figsize=(10, 3.5), gridspec_kw={"width_ratios": [3, 1]})
+    groups = [("all", "routing/avg_k_layer_{}", "#4c72b0"), ("text", "routing/avg_k_text_layer_{}", "#55a868")]
+    groups.append(("vision", "routing/avg_k_vision_layer_{}", "#c44e52"))
+    groups = [g for g in groups if all(g[1].format(i) in routing for i in layers)]
+    width = 0.8 / len(groups)
+    for n, (label, key, color) in enumerate(groups):
+        positions = np.arange(len(layers)) + (n - (len(groups) - 1) / 2) * width
+        by_layer.bar(positions, [routing[key.format(i)] for i in layers], width, label=label, color=color)
+    by_layer.set_xticks(range(len(layers)), [str(i) for i in layers])
+    by_layer.set(xlabel="MoE layer", ylabel="Avg K (experts per token)", title="Avg K per layer and modality")
+    by_layer.legend(fontsize=8)
+    modalities = [m for m in ("text", "vision") if f"routing/avg_k_{m}" in routing]
+    by_modality.bar(modalities, [routing[f"routing/avg_k_{m}"] for m in modalities], color=["#55a868", "#c44e52"])
+    by_modality.set(title="Avg K per modality")
+    fig.suptitle(title)
+    return fig
+
+
+def plot_expert_load(expert_load: list[list[float]], layers: list[int], title: str):
+    """Heat map of the share of routed slots per (MoE layer, expert), rows labelled by `layers` when they fit."""
+    load = np.asarray(expert_load)
+    fig, ax = _pyplot().subplots(figsize=(6, 0.6 * len(load) + 1.8))
+    image = ax.imshow(load, cmap="Blues", vmin=0, vmax=max(load.max(), 1e-9) * 1.5, aspect="auto")
+    ax.set(xlabel="expert", ylabel="MoE layer")
+    ax.set_title(f"Expert load (share of routed slots)\n{title}", fontsize=10)
+    ax.set_xticks(range(load.shape[1]))
+    ax.set_yticks(range(len(load)), [str(i) for i in layers] if len(layers) == len(load) else None)
+    for (row, col), value in np.ndenumerate(load):
+        ax.text(col, row, f"{value:.2f}", ha="center", va="center", color="black", fontsize=8)
+    fig.colorbar(image, ax=ax)
+    return fig
+
+
+def plot_difficulty(true_difficulty: list[float], predicted_difficulty: list[float]):
+    """Predicted against true difficulty per sample, with the diagonal and the correlation."""
+    fig, ax = _pyplot().subplots(figsize=(4.5, 4))
+    ax.scatter(true_difficulty, predicted_difficulty, s=8, alpha=0.5)
+    top = max(max(true_difficulty), max(predicted_difficulty))
+    ax.plot([0, top], [0, top], "k--", linewidth=1)
+    correlation = np.corrcoef(true_difficulty, predicted_difficulty)[0, 1]
+    ax.set(
+        xlabel="true difficulty (answer NLL)",
+        ylabel="predicted difficulty (mean over layers)",
+        title=f"Difficulty prediction, r = {correlation:.2f}",
+    )
+    return fig
+
+
+def plot_accuracy_by_difficulty(evaluation: VqaEvaluation, title: str):
+    """Accuracy within equal-count bins of true difficulty (`accuracy_by_difficulty`)."""
+    centres, accuracies = accuracy_by_difficulty(evaluation)
+    fig, ax = _pyplot().subplots(figsize=(4.5, 3.5))
+    ax.plot(centres, accuracies, "o-")
+    ax.set(xlabel="true difficulty (answer NLL, bin mean)", ylabel="accuracy", ylim=(0, 1.05))
+    ax.set_title(f"Accuracy by difficulty {title}".strip())
+    return fig
+
+
+def write_report(evaluation: VqaEvaluation, out_dir: str | Path, title: str = "") -> list[Path]:
+    """Write `evaluation.json` and the PNG plots into `out_dir` (those the evaluation has data for); returns the
+    files written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "evaluation.json"]
     written[0].write_text(json.dumps(evaluation.to_dict(), indent=1))
-    routing = evaluation.routing
-
-    layers = list(values_by_layer(routing, "routing/avg_k_layer_"))
+    layers = list(values_by_layer(evaluation.routing, "routing/avg_k_layer_"))
     if layers:
-        fig, (by_layer, by_modality) = plt.subplots(1, 2, figsize=(10, 3.5), gridspec_kw={"width_ratios": [3, 1]})
-        groups = [("all", "routing/avg_k_layer_{}", "#4c72b0"), ("text", "routing/avg_k_text_layer_{}", "#55a868")]
-        groups.append(("vision", "routing/avg_k_vision_layer_{}", "#c44e52"))
-        groups = [g for g in groups if all(g[1].format(i) in routing for i in layers)]
-        width = 0.8 / len(groups)
-        for n, (label, key, color) in enumerate(groups):
-            positions = np.arange(len(layers)) + (n - (len(groups) - 1) / 2) * width
-            by_layer.bar(positions, [routing[key.format(i)] for i in layers], width, label=label, color=color)
-        by_layer.set_xticks(range(len(layers)), [str(i) for i in layers])
-        by_layer.set(xlabel="MoE layer", ylabel="Avg K (experts per token)", title="Avg K per layer and modality")
-        by_layer.legend(fontsize=8)
-        modalities = [m for m in ("text", "vision") if f"routing/avg_k_{m}" in routing]
-        by_modality.bar(modalities, [routing[f"routing/avg_k_{m}"] for m in modalities], color=["#55a868", "#c44e52"])
-        by_modality.set(title="Avg K per modality")
-        fig.suptitle(title)
-        fig.tight_layout()
-        written.append(out_dir / "avg_k.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
-
+        written.append(_save(plot_avg_k(evaluation.routing, layers, title), out_dir / "avg_k.png"))
     if evaluation.expert_load:
-        load = np.asarray(evaluation.expert_load)
-        fig, ax = plt.subplots(figsize=(6, 0.6 * len(load) + 1.8))
-        image = ax.imshow(load, cmap="Blues", vmin=0, vmax=max(load.max(), 1e-9) * 1.5, aspect="auto")
-        ax.set(xlabel="expert", ylabel="MoE layer")
-        ax.set_title(f"Expert load (share of routed slots)\n{title}", fontsize=10)
-        ax.set_xticks(range(load.shape[1]))
-        ax.set_yticks(range(len(load)), [str(i) for i in layers] if len(layers) == len(load) else None)
-        for (row, col), value in np.ndenumerate(load):
-            ax.text(col, row, f"{value:.2f}", ha="center", va="center", color="black", fontsize=8)
-        fig.colorbar(image, ax=ax)
-        fig.tight_layout()
-        written.append(out_dir / "expert_load.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
-
+        written.append(_save(plot_expert_load(evaluation.expert_load, layers, title), out_dir / "expert_load.png"))
     if evaluation.predicted_difficulty:
-        fig, ax = plt.subplots(figsize=(4.5, 4))
-        ax.scatter(evaluation.true_difficulty, evaluation.predicted_difficulty, s=8, alpha=0.5)
-        top = max(max(evaluation.true_difficulty), max(evaluation.predicted_difficulty))
-        ax.plot([0, top], [0, top], "k--", linewidth=1)
-        correlation = np.corrcoef(evaluation.true_difficulty, evaluation.predicted_difficulty)[0, 1]
-        ax.set(
-            xlabel="true difficulty (answer NLL)",
-            ylabel="predicted difficulty (mean over layers)",
-            title=f"Difficulty prediction, r = {correlation:.2f}",
-        )
-        fig.tight_layout()
-        written.append(out_dir / "difficulty.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
-
-    centres, accuracies = accuracy_by_difficulty(evaluation)
-    fig, ax = plt.subplots(figsize=(4.5, 3.5))
-    ax.plot(centres, accuracies, "o-")
-    ax.set(xlabel="true difficulty (answer NLL, bin mean)", ylabel="accuracy", ylim=(0, 1.05))
-    ax.set_title(f"Accuracy by difficulty {title}".strip())
-    fig.tight_layout()
-    written.append(out_dir / "accuracy_by_difficulty.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+        figure = plot_difficulty(evaluation.true_difficulty, evaluation.predicted_difficulty)
+        written.append(_save(figure, out_dir / "difficulty.png"))
+    figure = plot_accuracy_by_difficulty(evaluation, title)
+    written.append(_save(figure, out_dir / "accuracy_by_difficulty.png"))
     return written
 
 

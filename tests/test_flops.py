@@ -83,7 +83,7 @@ def test_fewer_experts_give_fewer_activated_parameters():
     results = {}
     for experts, thresholds in ((1, [1e6, 2e6, 3e6]), (2, [-2.0, 1e6, 2e6])):
         for block in model.moe_blocks:
-            block.router.threshold_tracker.thresholds.copy_(torch.tensor(thresholds))
+            block.gate.threshold_tracker.thresholds.copy_(torch.tensor(thresholds))
         with torch.no_grad():
             outputs = model(**{k: v for k, v in batch.items() if k != "labels"})
         assert all((counts == experts).all() for counts in outputs.expert_counts)

@@ -18,6 +18,7 @@ choice and drops tokens over the expert capacity while training; neither is repr
 import re
 from pathlib import Path
 
+import torch
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -37,11 +38,10 @@ from .checkpoint import (
     rename_by_rules,
     resolve_source,
 )
-from .model_card import USAGE_LLAVA, command_line, model_card
 from .plan import PlannedTensor, check_plan, copy_of, in_reading_order, padded_rows, rows_of, stacked, stacked_gate_up
 from .targets import expected_tensors, meta_model, save_config_and_code
 from .upcycle import load_source_config
-from .writer import check_output_folder, staged_output, write_plan
+from .writer import check_output_folder, command_line, staged_output, write_model_card, write_plan
 
 # original model_type -> (transformers decoder model_type, decoder key prefix)
 SUPPORTED = {
@@ -189,7 +189,7 @@ def moellava_plan(reader: CheckpointReader, config: MoELlavaConfig, vocab_rows: 
         if match := EXPERT.match(name):
             experts.setdefault(match.group(1), {}).setdefault(int(match.group(3)), {})[match.group(4)] = name
         elif match := GATE.match(name):
-            plan.append(copy_of(reader, name, match.group(1) + "router.weight"))
+            plan.append(copy_of(reader, name, match.group(1) + "gate.weight"))
         elif match := FUSED_QKV.match(name):
             attn, kind = match.groups()
             bounds = {
@@ -238,6 +238,102 @@ def vision_tower_plan(folder: Path, allow_pickle: bool) -> tuple[list[PlannedTen
     return [external(name) for name in reader.names()], reader
 
 
+def check_projector(original: dict) -> None:
+    projector = original.get("image_projector_type", original.get("mm_projector_type", "mlp2x_gelu"))
+    if projector != "mlp2x_gelu":
+        raise ConversionError(f"unsupported projector {projector!r}: only 'mlp2x_gelu' is supported.")
+
+
+def vision_source(original: dict, vision: str | Path | None) -> str | Path:
+    """Where the vision tower comes from: `vision` if given, else the original's `mm_image_tower`."""
+    source = vision or original.get("mm_image_tower") or original.get("mm_vision_tower")
+    if not source:
+        raise ConversionError("no vision tower: the config has no mm_image_tower; pass --vision.")
+    return source
+
+
+def select_strategy(original: dict) -> str:
+    """transformers' `vision_feature_select_strategy` for the original's `mm_vision_select_feature`."""
+    select = original.get("mm_vision_select_feature", "patch")
+    if select not in ("patch", "cls_patch"):
+        raise ConversionError(f"unsupported mm_vision_select_feature {select!r}: allowed 'patch' or 'cls_patch'.")
+    return "default" if select == "patch" else "full"
+
+
+def load_tokenizer(folder: Path):
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as error:  # noqa: BLE001 - a tokenizer needing remote code, or none at all
+        raise ConversionError(
+            f"cannot load the tokenizer of {folder} without remote code ({type(error).__name__}); "
+            "pass --tokenizer with a transformers-native tokenizer of the same vocabulary."
+        ) from error
+
+
+def moellava_config(
+    original: dict, vision_config: PreTrainedConfig, image_token_id: int, strategy: str
+) -> MoELlavaConfig:
+    """hf-dare's config of the original: its decoder and MoE settings, the tower's config, and a vocabulary
+    grown to hold `image_token_id`."""
+    text_config = text_config_from_original(original)
+    config = MoELlavaConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=image_token_id,
+        image_seq_length=image_tokens_per_image(vision_config, strategy),
+        vision_feature_layer=original.get("mm_vision_select_layer", -2),
+        vision_feature_select_strategy=strategy,
+        tie_word_embeddings=bool(text_config.tie_word_embeddings),
+        **moe_settings_from_original(original),
+    )
+    config.text_config.vocab_size = max(text_config.vocab_size, image_token_id + 1)
+    if original.get("torch_dtype"):
+        config.dtype = original["torch_dtype"]
+    return config
+
+
+def import_plan(
+    src_dir: Path, vision_dir: Path, original: dict, config: MoELlavaConfig, allow_pickle: bool
+) -> tuple[list[PlannedTensor], CheckpointReader, torch.nn.Module]:
+    """The checked plan of the whole import (the tower from `vision_dir` when `src_dir` lacks it), the reader
+    of `src_dir` and the target model on the meta device."""
+    _, key_prefix = original_family(original)
+    reader = CheckpointReader(src_dir, allow_pickle, rename_by_rules(RENAMES))
+    if not any(n.startswith(key_prefix) or n.startswith("model.") for n in reader.names()):
+        raise ConversionError(f"{src_dir}: no tensor under {key_prefix!r}; not an original MoE-LLaVA checkpoint.")
+    plan = moellava_plan(reader, config, config.text_config.vocab_size)
+    if not any(p.name.startswith("model.vision_tower.") for p in plan):
+        vision_plan, _ = vision_tower_plan(vision_dir, allow_pickle)
+        plan += vision_plan
+    model = meta_model(config)
+    expected, optional = expected_tensors(model)
+    check_plan(plan, expected, f"MoELlavaForConditionalGeneration ({original['model_type']})", optional)
+    return plan, reader, model
+
+
+def import_notes(original: dict, config: MoELlavaConfig, vision_config: PreTrainedConfig) -> list[str]:
+    """What the model card must say about an imported model: where it differs from the original's behaviour."""
+    moe = original["moe"]
+    notes = [
+        DETERMINISTIC_NOTE,
+        f"Original MoE settings: capacity_factor={moe.get('capacity_factor')}, "
+        f"eval_capacity_factor={moe.get('eval_capacity_factor')}, min_capacity={moe.get('min_capacity')} "
+        "(capacities are not used here).",
+    ]
+    if config.vision_feature_select_strategy == "default" and not has_cls_token(vision_config):
+        notes.append(
+            "As in the original (mm_vision_select_feature='patch'), the first token of the SigLIP tower's "
+            f"output is dropped although SigLIP has no CLS token: {config.image_seq_length} image tokens "
+            "per image, one patch fewer than the tower gives."
+        )
+    if original.get("image_aspect_ratio") == "pad":
+        notes.append(
+            "The original pads images to a square (mean colour) before the image processor "
+            "(image_aspect_ratio='pad'); do the same for identical image features."
+        )
+    return notes
+
+
 def import_moellava(
     src: str | Path,
     out: str | Path,
@@ -257,92 +353,32 @@ def import_moellava(
     out = check_output_folder(out, overwrite)
     src_dir = resolve_source(src)
     original = read_config_dict(src_dir)
-    _, key_prefix = original_family(original)
-    if original.get("image_projector_type", original.get("mm_projector_type", "mlp2x_gelu")) != "mlp2x_gelu":
-        raise ConversionError(
-            f"unsupported projector {original.get('image_projector_type')!r}: only 'mlp2x_gelu' is supported."
-        )
-    vision_src = vision or original.get("mm_image_tower") or original.get("mm_vision_tower")
-    if not vision_src:
-        raise ConversionError("no vision tower: the config has no mm_image_tower; pass --vision.")
-    vision_dir = resolve_source(vision_src)
+    original_family(original)
+    check_projector(original)
+    vision_dir = resolve_source(vision_source(original, vision))
     vision_config = vision_config_of(load_source_config(vision_dir), vision_dir)
-    select = original.get("mm_vision_select_feature", "patch")
-    if select not in ("patch", "cls_patch"):
-        raise ConversionError(f"unsupported mm_vision_select_feature {select!r}: allowed 'patch' or 'cls_patch'.")
-    strategy = "default" if select == "patch" else "full"
-
-    tokenizer_dir = resolve_source(tokenizer) if tokenizer else src_dir
-    try:
-        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    except Exception as error:  # noqa: BLE001 - a tokenizer needing remote code, or none at all
-        raise ConversionError(
-            f"cannot load the tokenizer of {tokenizer_dir} without remote code ({type(error).__name__}); "
-            "pass --tokenizer with a transformers-native tokenizer of the same vocabulary."
-        ) from error
+    strategy = select_strategy(original)
+    tok = load_tokenizer(resolve_source(tokenizer) if tokenizer else src_dir)
     image_token_id = add_image_token(tok, image_token)
 
-    text_config = text_config_from_original(original)
-    config = MoELlavaConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=image_token_id,
-        image_seq_length=image_tokens_per_image(vision_config, strategy),
-        vision_feature_layer=original.get("mm_vision_select_layer", -2),
-        vision_feature_select_strategy=strategy,
-        tie_word_embeddings=bool(text_config.tie_word_embeddings),
-        **moe_settings_from_original(original),
+    config = moellava_config(original, vision_config, image_token_id, strategy)
+    plan, reader, model = import_plan(src_dir, vision_dir, original, config, allow_pickle)
+    processor = llava_processor(
+        AutoImageProcessor.from_pretrained(vision_dir), tok, vision_config, strategy, image_token
     )
-    vocab_rows = max(text_config.vocab_size, image_token_id + 1)
-    config.text_config.vocab_size = vocab_rows
-    if original.get("torch_dtype"):
-        config.dtype = original["torch_dtype"]
-
-    reader = CheckpointReader(src_dir, allow_pickle, rename_by_rules(RENAMES))
-    if not any(n.startswith(key_prefix) or n.startswith("model.") for n in reader.names()):
-        raise ConversionError(f"{src_dir}: no tensor under {key_prefix!r}; not an original MoE-LLaVA checkpoint.")
-    plan = moellava_plan(reader, config, vocab_rows)
-    if not any(p.name.startswith("model.vision_tower.") for p in plan):
-        vision_plan, _ = vision_tower_plan(vision_dir, allow_pickle)
-        plan += vision_plan
-    model = meta_model(config)
-    expected, optional = expected_tensors(model)
-    check_plan(plan, expected, f"MoELlavaForConditionalGeneration ({original['model_type']})", optional)
-
-    image_processor = AutoImageProcessor.from_pretrained(vision_dir)
-    processor = llava_processor(image_processor, tok, vision_config, strategy, image_token)
+    command = command_line("import-moellava", src, out) + (f" --vision {vision}" if vision else "")
+    config.training_stages = [{"name": "import-moellava", "description": command}]
     with staged_output(out, overwrite) as staging:
         write_plan(in_reading_order(plan, reader), reader, staging, max_shard_size)
         save_config_and_code(config, model, staging)
         copy_side_files(src_dir, staging)
         processor.save_pretrained(staging)
-        notes = [DETERMINISTIC_NOTE]
-        moe = original["moe"]
-        notes.append(
-            f"Original MoE settings: capacity_factor={moe.get('capacity_factor')}, "
-            f"eval_capacity_factor={moe.get('eval_capacity_factor')}, min_capacity={moe.get('min_capacity')} "
-            "(capacities are not used here)."
-        )
-        if strategy == "default" and not has_cls_token(vision_config):
-            notes.append(
-                "As in the original (mm_vision_select_feature='patch'), the first token of the SigLIP tower's "
-                f"output is dropped although SigLIP has no CLS token: {config.image_seq_length} image tokens "
-                "per image, one patch fewer than the tower gives."
-            )
-        if original.get("image_aspect_ratio") == "pad":
-            notes.append(
-                "The original pads images to a square (mean colour) before the image processor "
-                "(image_aspect_ratio='pad'); do the same for identical image features."
-            )
-        card = model_card(
-            title=f"{out.name}: MoE-LLaVA imported from {src}",
+        write_model_card(
+            staging,
+            config,
             made_from=f"{src} (original MoE-LLaVA, {original['model_type']})",
             how="import of the DeepSpeed MoE layers into hf-dare's MoE-LLaVA with the `top_k` router: the same "
             "experts and gates, decoder and vision tower renamed to transformers' layout",
-            command=command_line("import-moellava", src, out) + (f" --vision {vision}" if vision else ""),
-            config=config,
-            notes=notes,
-            usage=USAGE_LLAVA,
+            notes=import_notes(original, config, vision_config),
         )
-        (staging / "README.md").write_text(card)
     return out

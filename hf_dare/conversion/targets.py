@@ -7,6 +7,7 @@ import torch
 from transformers.dynamic_module_utils import custom_object_save
 
 from ..modeling import MoECausalLMConfig, MoEConfigBase, MoEForCausalLM, MoELlavaForConditionalGeneration
+from ..modeling.modeling_moe_llava import set_base_model_auto_map
 from .checkpoint import ConversionError
 from .plan import PlannedTensor, fresh
 
@@ -44,7 +45,7 @@ def router_plan(
     text = config.text_config
     hidden = text.hidden_size
     std = getattr(text, "initializer_range", 0.02)
-    p = f"{text_prefix(config)}layers.{layer_idx}.mlp.router."
+    p = f"{text_prefix(config)}layers.{layer_idx}.mlp.gate."
     plan = [fresh(p + "weight", (config.num_experts, hidden), dtype, "normal", seed, anchor, std)]
     if config.router == "dare":
         size = config.difficulty_predictor_size
@@ -72,6 +73,7 @@ def save_config_and_code(config: MoEConfigBase, model: torch.nn.Module, folder: 
     """config.json with `auto_map`, and the modeling code files beside it (what `save_pretrained` writes
     besides the weights)."""
     config.architectures = [type(model).__name__]
+    set_base_model_auto_map(model, config)  # auto_map["AutoModel"], as save_pretrained writes it
     custom_object_save(model, folder, config=config)
     config.save_pretrained(folder)
     missing = [name for name in CODE_FILES if not (folder / name).is_file()]

@@ -14,10 +14,9 @@ from transformers import AutoConfig, AutoModel, PreTrainedConfig
 
 from ..modeling import MoECausalLMConfig, MoEConfigBase, MoELlavaConfig
 from .checkpoint import CheckpointReader, ConversionError, copy_side_files, rename_by_rules, resolve_source
-from .model_card import USAGE_CAUSAL_LM, USAGE_LLAVA, command_line, model_card
 from .plan import PlannedTensor, check_plan, copy_of, in_reading_order, stacked, stacked_gate_up
 from .targets import expected_tensors, meta_model, router_plan, save_config_and_code, text_prefix
-from .writer import check_output_folder, staged_output, write_plan
+from .writer import check_output_folder, command_line, staged_output, write_model_card, write_plan
 
 FFN_NAMES = ("gate_proj", "up_proj", "down_proj")
 # Buffers some older checkpoints carry and no model loads.
@@ -112,6 +111,16 @@ def load_source_config(folder: Path) -> PreTrainedConfig:
         raise ConversionError(f"unsupported architecture in {folder}: {error}".split("\n")[0]) from error
 
 
+def upcycle_command(src: str | Path, out: Path, config: MoEConfigBase, seed: int) -> str:
+    """The `hf-dare upcycle` command that gives `config` (recorded in its `training_stages`)."""
+    experts, router, top_k = config.num_experts, config.router, config.num_experts_per_tok
+    command = command_line("upcycle", src, out, "--experts", experts, "--router", router, "--top-k", top_k)
+    command += f" --moe-layers {','.join(map(str, config.moe_layers))} --seed {seed}"
+    if config.router == "dare":
+        command += f" --target-distribution {','.join(map(str, config.target_distribution))}"
+    return command
+
+
 def upcycle(
     src: str | Path,
     out: str | Path,
@@ -151,25 +160,21 @@ def upcycle(
     expected, optional = expected_tensors(model)
     check_plan(plan, expected, type(model).__name__ + f" ({config.text_config.model_type})", optional)
 
-    command = command_line("upcycle", src, out, "--experts", num_experts, "--router", router, "--top-k", top_k)
-    command += f" --moe-layers {','.join(map(str, config.moe_layers))} --seed {seed}"
-    if router == "dare":
-        command += f" --target-distribution {','.join(map(str, config.target_distribution))}"
     previous_stages = getattr(source_config, "training_stages", None) or []
-    config.training_stages = [*previous_stages, {"name": "upcycle", "description": command}]
+    config.training_stages = [
+        *previous_stages,
+        {"name": "upcycle", "description": upcycle_command(src, out, config, seed)},
+    ]
     with staged_output(out, overwrite) as staging:
         write_plan(in_reading_order(plan, reader), reader, staging, max_shard_size)
         save_config_and_code(config, model, staging)
         copy_side_files(src_dir, staging)
-        card = model_card(
-            title=f"{out.name}: {'MoE-LLaVA' if is_llava else 'MoE'} upcycled from {src}",
+        write_model_card(
+            staging,
+            config,
             made_from=str(src),
             how=f"sparse upcycling: each MoE layer's {num_experts} experts are copies of the dense FFN, "
             f"the `{router}` router is newly initialised (seed {seed}); every other tensor is copied unchanged",
-            command=command,
-            config=config,
-            usage=USAGE_LLAVA if is_llava else USAGE_CAUSAL_LM,
             notes=["Until the routers are trained, the model computes exactly what the dense model did."],
         )
-        (staging / "README.md").write_text(card)
     return out

@@ -3,20 +3,23 @@ output folder only once everything is written.
 
 Shapes and dtypes are known from the plan, so each shard's header is written first and every tensor is
 made, written and dropped in turn: memory stays near one output tensor plus the inputs it is made from.
+Also what every conversion leaves beside the weights to say how it was made: its command and model card.
 """
 
 import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from ..modeling.model_card import render_model_card
 from .checkpoint import DTYPE_NAMES, CheckpointReader, ConversionError
 from .plan import PlannedTensor
 
@@ -139,3 +142,15 @@ def staged_output(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def command_line(*args) -> str:
+    """`hf-dare ARGS`, shell-quoted: the command a conversion records in `config.training_stages`."""
+    return "hf-dare " + " ".join(shlex.quote(str(a)) for a in args)
+
+
+def write_model_card(folder: Path, config, made_from: str, how: str, notes: Sequence[str] = ()) -> None:
+    """`folder/README.md`: the model card of the converted `config` (an MoE config or a dense `LlavaConfig`),
+    whose `training_stages` already hold the conversion's command."""
+    card = render_model_card(config, made_from=made_from, how=how, notes=notes)
+    (folder / "README.md").write_text(card, encoding="utf-8")

@@ -9,8 +9,9 @@ import evaluate
 import torch
 from datasets import Dataset
 
-from hf_dare.modeling.modeling_moe_llava import token_nll
-from hf_dare.training.data import LlavaDataCollator, _load_image, conversation_to_messages
+from hf_dare.images import load_image
+from hf_dare.modeling.modeling_moe_llava import next_token_labels, token_nll
+from hf_dare.training.data import LlavaDataCollator, conversation_to_messages
 from hf_dare.training.metrics import RoutingMetrics
 
 from .vqa_accuracy import normalize_answer
@@ -52,7 +53,7 @@ def prompt_batch(processor, samples: list[dict], device: torch.device | str = "c
     for sample in samples:
         messages, _ = _split_prompt_and_answer(sample)
         prompts.append(processor.apply_chat_template(messages, add_generation_prompt=True))
-        images += [_load_image(path) for path in sample["images"]]
+        images += [load_image(path) for path in sample["images"]]
     tokenizer = processor.tokenizer
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
@@ -81,13 +82,14 @@ def answer_difficulty(model, collator: LlavaDataCollator, samples: list[dict]) -
     batch = {k: v.to(model.device) for k, v in collator(samples).items()}
     outputs = model(**batch)
     labels = batch["labels"]
-    answer = labels[:, 1:] != -100  # position t predicts token t+1
-    nll = token_nll(outputs.logits, labels)
+    targets = next_token_labels(labels)  # position t predicts token t+1
+    answer = targets != -100
+    nll = token_nll(outputs.logits, targets)
     count = answer.sum(1).clamp(min=1)
     true = ((nll * answer).sum(1) / count).tolist()
     predicted = None
     if getattr(outputs, "difficulty", None):
-        mean_prediction = torch.stack(outputs.difficulty).float().mean(0)[:, :-1]
+        mean_prediction = torch.stack(outputs.difficulty).float().mean(0)
         predicted = ((mean_prediction * answer).sum(1) / count).tolist()
     return true, predicted, (outputs, labels)
 
@@ -98,7 +100,6 @@ def evaluate_vqa(model, processor, dataset: Dataset, batch_size: int = 16, max_n
     collator = LlavaDataCollator(processor)
     metrics = RoutingMetrics.for_model(model)
     result = {"ids": [], "predictions": [], "references": [], "true": [], "predicted": []}
-    load_sum, forwards = None, 0
     for start in range(0, len(dataset), batch_size):
         samples = dataset.select(range(start, min(start + batch_size, len(dataset)))).to_list()
         result["ids"] += [sample["id"] for sample in samples]
@@ -108,10 +109,7 @@ def evaluate_vqa(model, processor, dataset: Dataset, batch_size: int = 16, max_n
         result["true"] += true
         result["predicted"] += predicted or []
         metrics.update(outputs, labels)
-        if getattr(outputs, "expert_load", None):
-            load = torch.stack(outputs.expert_load).double().cpu()
-            load_sum = load if load_sum is None else load_sum + load
-            forwards += 1
+    expert_load = metrics.mean_expert_load().tolist()  # before `compute()`, which resets the sums
     accuracy = evaluate.load(VQA_ACCURACY).compute(predictions=result["predictions"], references=result["references"])
     correct = [
         normalize_answer(p) == normalize_answer(r)
@@ -126,7 +124,7 @@ def evaluate_vqa(model, processor, dataset: Dataset, batch_size: int = 16, max_n
         true_difficulty=result["true"],
         predicted_difficulty=result["predicted"] or None,
         routing=metrics.compute(),
-        expert_load=(load_sum / max(forwards, 1)).tolist() if load_sum is not None else [],
+        expert_load=expert_load,
     )
 
 

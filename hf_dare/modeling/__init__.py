@@ -11,7 +11,7 @@ from .modeling_moe_llava import (
     MoEPreTrainedModel,
 )
 from .routing import DareRouter, DifficultyPredictor, LtdrRouter, Routing, ThresholdTracker, TopKRouter
-from .statistics import routing_statistics
+from .statistics import avg_k, avg_k_per_layer, avg_k_sums, expert_load, load_cv, routing_statistics
 
 __all__ = [
     "DareRouter",
@@ -30,5 +30,10 @@ __all__ = [
     "Routing",
     "ThresholdTracker",
     "TopKRouter",
+    "avg_k",
+    "avg_k_per_layer",
+    "avg_k_sums",
+    "expert_load",
+    "load_cv",
     "routing_statistics",
 ]

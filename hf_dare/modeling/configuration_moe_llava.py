@@ -4,8 +4,29 @@ Both wrap transformers' own backbone configs (`text_config`, and `vision_config`
 the MoE layout and the router settings. Every setting is validated when the config is built.
 """
 
+import dataclasses
+import inspect
+
 from transformers import AutoConfig
-from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+# This file travels with every checkpoint, so it runs on every transformers 5.x; older releases lack two things:
+# - transformers < 5.20 has no `SubConfigSpec` / `sub_configs_defaults`: the stand-in below carries the default
+#   model types, `MoEConfigBase` builds the sub-configs itself and declares them in `sub_configs`.
+# - transformers < 5.4 configs are plain classes, not dataclasses: `MoEConfigBase` gets the `__init__` that the
+#   dataclass would generate (the fields declared on the class, then `__post_init__` with the other arguments).
+NATIVE_SUB_CONFIG_SPECS = hasattr(PreTrainedConfig, "sub_configs_defaults")
+DATACLASS_CONFIGS = dataclasses.is_dataclass(PreTrainedConfig)
+try:
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # transformers < 5.20
+
+    @dataclasses.dataclass
+    class SubConfigSpec:
+        config_class: type
+        model_type: str
+
 
 ROUTERS = ("top_k", "dare", "ltdr")
 THRESHOLD_UPDATES = ("ema", "per_batch")
@@ -54,8 +75,42 @@ class MoEConfigBase(PreTrainedConfig):
     training_stages: list[dict] | None = None
     routing_statistics: dict | None = None
 
+    if not DATACLASS_CONFIGS:  # transformers < 5.4
+
+        def __init__(self, **kwargs):
+            fields = [
+                name
+                for cls in type(self).__mro__
+                if issubclass(cls, MoEConfigBase)
+                for name in inspect.get_annotations(cls)
+            ]
+            for name in fields:
+                setattr(self, name, kwargs.pop(name, getattr(type(self), name)))
+            self.__post_init__(**kwargs)
+
+    if not NATIVE_SUB_CONFIG_SPECS:  # transformers < 5.20
+
+        @property
+        def sub_configs(self) -> dict:
+            return {key: spec.config_class for key, spec in self.sub_configs_defaults.items()}
+
+    def _build_sub_configs(self) -> None:
+        """What transformers >= 5.20 does with `sub_configs_defaults`: a sub-config given as a dict (or not
+        given) becomes a config of its `model_type`, by default the spec's."""
+        for key, spec in self.sub_configs_defaults.items():
+            sub_config = getattr(self, key)
+            if sub_config is None:
+                sub_config = {}
+            if isinstance(sub_config, dict):
+                setattr(self, key, CONFIG_MAPPING[sub_config.get("model_type", spec.model_type)](**sub_config))
+
     def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
+        if not NATIVE_SUB_CONFIG_SPECS:
+            self._build_sub_configs()
+        if DATACLASS_CONFIGS:
+            super().__post_init__(**kwargs)
+        else:
+            PreTrainedConfig.__init__(self, **kwargs)
         # Checkpoints keep `tie_word_embeddings` in the text config; the model ties from the top-level one.
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True

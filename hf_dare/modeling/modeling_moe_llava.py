@@ -1,23 +1,26 @@
-"""MoE models with Top-K / DARE / LTDR routing: a text-only causal LM and MoE-LLaVA.
+"""MoE models with dynamic routing (Top-K, DARE, LTDR): a text-only causal LM and MoE-LLaVA.
 
 The decoders and vision towers are transformers' own classes built with `AutoModel.from_config`; the FFN
-of every layer in `config.moe_layers` is replaced by an `MoEBlock` (router + experts). The experts run
-through transformers' experts interface (`eager`, `batched_mm`, `grouped_mm`), where a token that uses
-fewer experts than the widest case fills the spare slots with the sentinel index `num_experts`.
+of every layer in `config.moe_layers` is replaced by an `MoEBlock` (`gate`: the router, `experts`: the
+experts on transformers' experts interface, see `experts.py`). The outer model opens a `RoutingContext` for
+each forward: the blocks read this forward's token masks from it and leave their `Routing` in it, from which
+the model computes the routing losses and statistics.
 """
 
-from dataclasses import dataclass
+import dataclasses
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.integrations import use_experts_implementation
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.models.llava.modeling_llava import (
     LlavaForConditionalGeneration,
     LlavaModel,
@@ -26,19 +29,50 @@ from transformers.models.llava.modeling_llava import (
 )
 
 from .configuration_moe_llava import MoECausalLMConfig, MoEConfigBase, MoELlavaConfig
+from .experts import (
+    HF_DARE_KERNELS,
+    default_experts_implementation,
+    sentinel_safe_routing,
+    sorted_experts_forward,
+)
 from .model_card import GENERATED_MARKER, render_model_card
-from .routing import ROUTER_CLASSES, Routing, ThresholdTracker, TopKRouter
+from .routing import (
+    ROUTER_CLASSES,
+    RoutingContext,
+    ThresholdTracker,
+    TopKRouter,
+    current_routing_context,
+    routing_context,
+)
+from .statistics import expert_load
 
-# At most this many tokens take the per-token decode path on CPU (see `MoEBlock.forward`).
-DECODE_PATH_MAX_TOKENS = 4
+# This file travels with every checkpoint and runs on every transformers 5.x; before 5.6 the CLIP / SigLIP
+# vision towers sit in a `vision_model` submodule.
+TRANSFORMERS_BEFORE_5_6 = tuple(int(part) for part in transformers.__version__.split(".")[:2]) < (5, 6)
+if TRANSFORMERS_BEFORE_5_6:
+    from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    # Checkpoints hold the towers' weights without the `vision_model.` level: add it when loading (and drop it
+    # when saving, where transformers reverses the mapping).
+    register_checkpoint_conversion_mapping(
+        "moe_llava",
+        [
+            WeightRenaming(
+                r"^model.vision_tower.(?=(?:embeddings|encoder|pre_layrnorm|post_layernorm|head)\.)",
+                "model.vision_tower.vision_model.",
+            )
+        ],
+        overwrite=True,
+    )
 
 
 @use_experts_implementation
 class MoEExperts(nn.Module):
-    """E gated-SiLU FFN experts stored as 3-D parameters (transformers' layout, gate and up concatenated):
+    """E gated FFN experts stored as 3-D parameters (transformers' layout, gate and up concatenated):
     `gate_up_proj` (E, 2I, H), `down_proj` (E, H, I)."""
 
-    def __init__(self, config: MoEConfigBase):
+    def __init__(self, config):
         super().__init__()
         text_config = config.text_config
         self.num_experts = config.num_experts
@@ -56,99 +90,46 @@ class MoEExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        """The `eager` implementation. (T, H), (T, K) with sentinel `num_experts`, (T, K) -> (T, H).
-
-        Slots are sorted by expert and gathered once, so each expert runs one matmul over a contiguous
-        block of its tokens; sentinel slots sort last and are dropped. One host sync (the per-expert counts)
-        per call. `split` and `unbind` (not slicing / indexing per expert) keep the backward to one gradient
-        buffer for the gathered tokens and one per weight tensor, instead of a full-size one per expert.
-        """
-        width = top_k_index.shape[-1]
-        slots = top_k_index.reshape(-1)
-        counts = torch.bincount(slots, minlength=self.num_experts + 1).tolist()
-        used = slots.numel() - counts[self.num_experts]
-        order = torch.argsort(slots, stable=True)[:used]
-        tokens = order // width
-        states = hidden_states.index_select(0, tokens)
-        gate_up_proj, down_proj = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
-        outputs = [
-            self.expert(chunk, gate_up_proj[expert_idx], down_proj[expert_idx])
-            for expert_idx, chunk in enumerate(states.split(counts[: self.num_experts]))
-            if chunk.shape[0]
-        ]
-        output = torch.zeros_like(hidden_states)
-        if outputs:
-            weighted = torch.cat(outputs) * top_k_weights.reshape(-1)[order, None]
-            output.index_add_(0, tokens, weighted.to(output.dtype))
-        return output
-
-    @torch.no_grad()
-    def decode_forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-    ) -> torch.Tensor:
-        """Inference on a handful of tokens (decoding): a plain loop over each token's chosen experts, so
-        the cost is exactly the weights read, with no sort, gather or scatter. Same shapes as `forward`."""
-        rows = []
-        for token, experts, weights in zip(hidden_states, top_k_index.tolist(), top_k_weights.tolist(), strict=True):
-            token = token[None]
-            out = None
-            for expert_idx, weight in zip(experts, weights, strict=True):
-                if expert_idx < self.num_experts:
-                    y = self.expert(token, self.gate_up_proj[expert_idx], self.down_proj[expert_idx])
-                    if out is None:
-                        out = y if weight == 1.0 else y.mul_(weight)
-                    else:
-                        out.add_(y, alpha=weight)
-            rows.append(out if out is not None else torch.zeros_like(token))
-        return torch.cat(rows).to(hidden_states.dtype)
+        """The `eager` implementation: `experts.sorted_experts_forward`."""
+        return sorted_experts_forward(self, hidden_states, top_k_index, top_k_weights)
 
 
 class MoEBlock(nn.Module):
-    """The MoE layer that replaces a decoder layer's FFN: router + experts, (B, L, H) -> (B, L, H).
+    """The MoE layer that replaces a decoder layer's FFN: `gate` (the router) + `experts`, (B, L, H) -> (B, L, H).
 
-    The decoder layer only passes hidden states, so the model sets the per-token masks of the current
-    forward on the block (`token_mask`: real tokens, `vision_mask`: image tokens, both (B, L)) and whether a
-    load-balancing loss is wanted (`with_aux_loss`), and reads back the `Routing` it made (`pop_routing`).
+    Inside a model's forward it reads the token masks from the active `RoutingContext`, computes its
+    load-balancing loss when asked, and leaves its `Routing` there; called on its own it just routes.
     """
+
+    # A DeepSpeed ZeRO-3 leaf module: its parameters (router, experts) are gathered together for the whole
+    # block, so a rank whose tokens skip an expert still joins the same collectives (DeepSpeed reads `_z3_leaf`).
+    _z3_leaf = True
 
     def __init__(self, config: MoEConfigBase, layer_idx: int):
         super().__init__()
+        self.config = config
         self.layer_idx = layer_idx
-        self.router = ROUTER_CLASSES[config.router](config)
+        self.gate = ROUTER_CLASSES[config.router](config)
         self.experts = MoEExperts(config)
-        if config.router != "top_k":
-            # transformers' batched_mm / grouped_mm mask sentinel slots only in this mode; a variable
-            # number of experts per token produces the same sentinels, so they need the same masking.
-            self.experts._is_expert_parallel = True
-        self.token_mask: torch.Tensor | None = None
-        self.vision_mask: torch.Tensor | None = None
-        self.with_aux_loss = True
-        self.routing: Routing | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_size, seq_len, hidden_dim = hidden_states.shape
         flat = hidden_states.reshape(-1, hidden_dim)
-        token_mask, vision_mask = self.token_mask, self.vision_mask
-        routing = self.router(flat, token_mask, vision_mask)
-        if self.with_aux_loss:
-            routing.aux_loss = self.router.aux_loss(routing, token_mask, vision_mask)
-        # `isinstance`: wrapped experts (PEFT's LoRA `ParamWrapper` on the 3-D weights) go through their own forward,
-        # which applies the adapters; `decode_forward` reads the raw weights.
-        if (
-            isinstance(self.experts, MoEExperts)
-            and flat.device.type == "cpu"
-            and flat.shape[0] <= DECODE_PATH_MAX_TOKENS
-            and not torch.is_grad_enabled()
-        ):
-            out = self.experts.decode_forward(flat, routing.expert_indices, routing.expert_weights)
-        else:
-            out = self.experts(flat, routing.expert_indices, routing.expert_weights)
-        self.routing = routing
+        context = current_routing_context()
+        token_mask, vision_mask = context.masks_for(batch_size, seq_len) if context is not None else (None, None)
+        routing = self.gate(flat, token_mask, vision_mask)
+        if context is not None and context.with_aux_loss:
+            routing.aux_loss = self.gate.aux_loss(routing, token_mask, vision_mask)
+        index, weights = sentinel_safe_routing(
+            routing.expert_indices,
+            routing.expert_weights,
+            self.config.num_experts,
+            self.config._experts_implementation,
+        )
+        out = self.experts(flat, index, weights)
+        if context is not None and context.record:
+            context.routings.append(routing)
         return out.view(batch_size, seq_len, hidden_dim)
-
-    def pop_routing(self) -> Routing:
-        routing, self.routing = self.routing, None
-        return routing
 
 
 def install_moe_blocks(language_model: nn.Module, config: MoEConfigBase) -> None:
@@ -163,24 +144,42 @@ def install_moe_blocks(language_model: nn.Module, config: MoEConfigBase) -> None
         layers[layer_idx].mlp = MoEBlock(config, layer_idx)
 
 
-@dataclass
-class MoEOutputWithPast(ModelOutput):
-    """Output of the MoE models. `loss` = `ce_loss` + share * (alpha * `difficulty_loss` + beta * `aux_loss`),
-    share = this batch's text tokens / `num_items_in_batch` when that is given (the Trainer's), else 1.
+def checkpoint_routing_contexts():
+    """`context_fn` of torch's non-reentrant checkpoint: the recomputation in the backward sees the masks of
+    its forward (LTDR's routing depends on them) and records nothing a second time."""
+    context = current_routing_context()
+    if context is None:
+        return nullcontext(), nullcontext()
+    return nullcontext(), routing_context(dataclasses.replace(context, record=False, routings=[]))
 
-    Per MoE layer (tuples in `config.moe_layers` order): `expert_counts` (B, L) experts used per token,
-    `expert_load` (E,) fraction of routed slots per expert over real tokens, `difficulty` (B, L) DARE's
-    predictions (DARE only). `token_mask` (B, L) marks real tokens, `vision_mask` (B, L) image tokens.
+
+def set_base_model_auto_map(model: nn.Module, config=None) -> None:
+    """Add `auto_map["AutoModel"]` (the base model without the LM head, named by the class attribute
+    `base_model_auto_class`) to `config` (default `model.config`) when the model's code is saved with it:
+    vLLM's and SGLang's transformers backends build `AutoModel.from_config(config)` and add their own LM head."""
+    name = getattr(type(model), "base_model_auto_class", None)
+    if name is None or getattr(model, "_auto_class", None) is None:
+        return
+    config = model.config if config is None else config
+    module = type(model).__module__.rsplit(".", 1)[-1]
+    config.auto_map = {**(getattr(config, "auto_map", None) or {}), "AutoModel": f"{module}.{name}"}
+
+
+@dataclasses.dataclass
+class MoEOutputWithPast(MoeCausalLMOutputWithPast):
+    """transformers' MoE causal-LM output (`loss`, `aux_loss`, `logits`, `router_logits` per MoE layer when
+    `output_router_logits=True`...) plus hf-dare's routing outputs.
+
+    `loss` = `ce_loss` + share * (alpha * `difficulty_loss` + beta * `aux_loss`), share = this batch's text
+    tokens / `num_items_in_batch` when that is given (the Trainer's), else 1. `aux_loss` is the mean over MoE
+    layers of their load-balancing losses. Per MoE layer (tuples in `config.moe_layers` order):
+    `expert_counts` (B, L) experts used per token, `expert_load` (E,) fraction of routed slots per expert over
+    real tokens, `difficulty` (B, L) DARE's predictions (DARE only). `token_mask` (B, L) marks real tokens,
+    `vision_mask` (B, L) image tokens.
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     ce_loss: torch.FloatTensor | None = None
     difficulty_loss: torch.FloatTensor | None = None
-    aux_loss: torch.FloatTensor | None = None
     expert_counts: tuple[torch.LongTensor, ...] | None = None
     expert_load: tuple[torch.FloatTensor, ...] | None = None
     difficulty: tuple[torch.FloatTensor, ...] | None = None
@@ -189,28 +188,38 @@ class MoEOutputWithPast(ModelOutput):
     image_hidden_states: torch.FloatTensor | None = None
 
 
-def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token NLL at every position: (B, L, V), (B, L) -> (B, L-1), 0 where the label is -100."""
+def next_token_labels(labels: torch.Tensor, shift_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The label each position predicts, (B, L): `shift_labels` as given, else `labels` shifted left with -100
+    at the end (what transformers' causal-LM loss does)."""
+    if shift_labels is not None:
+        return shift_labels
+    return F.pad(labels[:, 1:], (0, 1), value=-100)
+
+
+@torch.no_grad()
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Next-token NLL at every position, detached: (B, L, V), (B, L) next-token labels -> (B, L), 0 at -100."""
     vocab_size = logits.shape[-1]
     nll = F.cross_entropy(
-        logits[:, :-1].reshape(-1, vocab_size).float(), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="none"
+        logits.reshape(-1, vocab_size).float(), targets.reshape(-1), ignore_index=-100, reduction="none"
     )
-    return nll.view(labels.shape[0], -1)
+    return nll.view(targets.shape)
 
 
 class MoEModelMixin:
-    """What both MoE models share: weight init of the MoE modules, passing token masks to the MoE blocks,
-    the routing losses and statistics, and DARE's threshold updates."""
+    """What both MoE models share: weight init of the MoE modules, the routing context of a forward, the
+    routing losses and statistics, and DARE's threshold updates."""
 
     @property
     def moe_blocks(self) -> list[MoEBlock]:
-        """The MoE blocks in layer order (found once: the model walks them on every forward)."""
+        """The MoE blocks in layer order (found once)."""
         if getattr(self, "_moe_blocks", None) is None:
             self._moe_blocks = [module for module in self.modules() if isinstance(module, MoEBlock)]
         return self._moe_blocks
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' `save_pretrained`, plus a model card (README.md) unless one not written by us is there."""
+        set_base_model_auto_map(self)
         super().save_pretrained(save_directory, *args, **kwargs)
         if not kwargs.get("is_main_process", True):
             return
@@ -244,7 +253,8 @@ class MoEModelMixin:
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, *args, **kwargs):
         """transformers' activation checkpointing, non-reentrant only: the MoE blocks hand their routing
         (load-balancing loss, DARE's predictions) to the model outside the decoder layers' outputs, which a
-        reentrant checkpoint would cut from the graph (the predictors would silently stop learning)."""
+        reentrant checkpoint would cut from the graph (the predictors would silently stop learning). The
+        recomputation in the backward runs in the routing context of its forward (`checkpoint_routing_contexts`)."""
         activation_checkpointing_kwargs = dict(activation_checkpointing_kwargs or {})
         if activation_checkpointing_kwargs.get("use_reentrant", False):
             raise ValueError(
@@ -252,13 +262,23 @@ class MoEModelMixin:
                 "gradient); use use_reentrant=False, the default."
             )
         activation_checkpointing_kwargs["use_reentrant"] = False
-        super().activation_checkpointing_enable(activation_checkpointing_kwargs, *args, **kwargs)
+        activation_checkpointing_kwargs.setdefault("context_fn", checkpoint_routing_contexts)
+        if hasattr(PreTrainedModel, "activation_checkpointing_enable"):
+            super().activation_checkpointing_enable(activation_checkpointing_kwargs, *args, **kwargs)
+        else:  # transformers < 5.23
+            super().gradient_checkpointing_enable(activation_checkpointing_kwargs, *args, **kwargs)
+
+    if not hasattr(PreTrainedModel, "activation_checkpointing_enable"):  # transformers < 5.23, whose Trainer calls:
+
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, *args, **kwargs):
+            self.activation_checkpointing_enable(gradient_checkpointing_kwargs, *args, **kwargs)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        # transformers defaults to grouped_mm, which on CPU is about 2x slower than our sort-based eager loop
-        # (benchmarks/moe_layer.py); keep grouped_mm wherever CUDA is present.
-        if requested_experts is None and not torch.cuda.is_available():
-            return "eager"
+        # The device default when none is asked for (see `experts.default_experts_implementation`).
+        requested_experts = requested_experts or default_experts_implementation()
+        if requested_experts in HF_DARE_KERNELS:
+            # Registered in transformers' experts interface, which transformers < 5.7 does not consult here.
+            return requested_experts
         return super().get_correct_experts_implementation(requested_experts)
 
     def update_difficulty_thresholds(self) -> dict[int, list[float]]:
@@ -267,112 +287,116 @@ class MoEModelMixin:
         thresholds by layer index."""
         updated = {}
         for block in self.moe_blocks:
-            # Duck-typed, not isinstance: PEFT's `modules_to_save` wraps the router (ModulesToSaveWrapper), which
+            # Duck-typed, not isinstance: PEFT's `modules_to_save` wraps the gate (ModulesToSaveWrapper), which
             # forwards attribute access to the trained copy.
-            if hasattr(block.router, "threshold_tracker"):
-                thresholds = block.router.threshold_tracker.update()
+            if hasattr(block.gate, "threshold_tracker"):
+                thresholds = block.gate.threshold_tracker.update()
                 if thresholds is not None:
                     updated[block.layer_idx] = thresholds.tolist()
         return updated
 
-    def _prepare_moe_blocks(
+    def routing_context(
         self, attention_mask: torch.Tensor | None, seq_len: int, vision_mask: torch.Tensor | None, with_losses: bool
-    ) -> torch.Tensor | None:
-        """Hand every MoE block this forward's token masks; returns the (B, L) real-token mask or None.
-        The load-balancing loss is only computed when it can be used (training, or labels given)."""
+    ) -> RoutingContext:
+        """A forward's routing context: its real-token mask (B, L) from a 2-D `attention_mask`, its image
+        tokens, whether the load-balancing loss is wanted (training, or labels given) and whether DARE's
+        routers keep their predictions for the threshold updates (training)."""
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -seq_len:].bool()
-        for block in self.moe_blocks:
-            block.token_mask, block.vision_mask = token_mask, vision_mask
-            block.with_aux_loss = with_losses
-        return token_mask
+        return RoutingContext(token_mask, vision_mask, with_aux_loss=with_losses, observe=self.training)
 
-    def _moe_output(
-        self, outputs, labels, token_mask, num_items_in_batch, logits_to_keep, **extra
+    def moe_output(
+        self, outputs, context: RoutingContext, labels, logits_to_keep, loss_kwargs: dict, **extra
     ) -> MoEOutputWithPast:
         """The LM head on the decoder's output, then this forward's losses and routing statistics."""
         hidden_states = outputs.last_hidden_state
-        if labels is None and isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden_states = hidden_states[:, -logits_to_keep:]
+        if labels is None:  # the loss and DARE's target need every position's logits
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            hidden_states = hidden_states[:, keep]
         logits = self.lm_head(hidden_states)
         batch_size, seq_len = outputs.last_hidden_state.shape[:2]
-        routing = self._routing_outputs(logits, labels, token_mask, num_items_in_batch, batch_size, seq_len)
+        routings = context.routings
+        aux_losses = [r.aux_loss for r in routings if r.aux_loss is not None]
+        aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
+        difficulty = tuple(r.difficulty.view(batch_size, seq_len) for r in routings if r.difficulty is not None)
+        losses = {}
+        if labels is not None:
+            losses = self.routing_loss(logits, labels, difficulty, aux_loss, **loss_kwargs)
+        router_logits = None
+        if loss_kwargs.get("output_router_logits", getattr(self.config, "output_router_logits", False)):
+            router_logits = tuple(r.router_logits for r in routings)
         return MoEOutputWithPast(
+            loss=losses.get("loss"),
+            aux_loss=aux_loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            **routing,
+            router_logits=router_logits,
+            ce_loss=losses.get("ce_loss"),
+            difficulty_loss=losses.get("difficulty_loss"),
+            expert_counts=tuple(r.expert_counts.view(batch_size, seq_len) for r in routings),
+            expert_load=tuple(
+                expert_load(r.expert_indices, self.config.num_experts, context.token_mask) for r in routings
+            ),
+            difficulty=difficulty or None,
+            token_mask=context.token_mask,
             **extra,
         )
 
-    def _routing_outputs(
+    def routing_loss(
         self,
         logits: torch.Tensor,
-        labels: torch.Tensor | None,
-        token_mask: torch.Tensor | None,
-        num_items_in_batch: torch.Tensor | int | None,
-        batch_size: int,
-        seq_len: int,
+        labels: torch.Tensor,
+        difficulty: tuple[torch.Tensor, ...],
+        aux_loss: torch.Tensor | None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        shift_labels: torch.Tensor | None = None,
+        **kwargs,
     ) -> dict:
-        """Losses and routing statistics of the forward that just ran."""
+        """`loss` = CE + share * (alpha * L_diff + beta * L_lb), with its parts. CE is transformers' causal-LM
+        loss (`self.loss_function`: `num_items_in_batch`, `shift_labels`); DARE's target is the model's own
+        next-token NLL, detached, at the positions with a label (text)."""
         config = self.config
-        routings = [block.pop_routing() for block in self.moe_blocks]
-        aux_losses = [r.aux_loss for r in routings if r.aux_loss is not None]
-        aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
-        dare = [r.difficulty.view(batch_size, seq_len) for r in routings if r.difficulty is not None]
-        if self.training and dare:
-            for block, difficulty in zip(
-                [b for b in self.moe_blocks if hasattr(b.router, "threshold_tracker")], dare, strict=True
-            ):
-                block.router.threshold_tracker.observe(difficulty, token_mask)
-
-        ce_loss = difficulty_loss = loss = None
-        if labels is not None:
-            nll = token_nll(logits, labels)
-            text = labels[:, 1:] != -100
-            text_tokens = text.sum()
-            count = torch.as_tensor(num_items_in_batch if num_items_in_batch is not None else text_tokens)
-            count = count.to(nll.device).clamp(min=1)
-            ce_loss = nll.sum() / count
-            routing_loss = 0.0
-            if dare:
-                # DARE's target: the model's own next-token NLL, detached, on text positions only. Masked sums
-                # (no boolean indexing) keep the host out of it and give 0 when there is no text label.
-                target, weight = nll.detach(), text.float()
-                squared_errors = torch.stack([((d[:, :-1].float() - target) ** 2 * weight).sum() for d in dare])
-                difficulty_loss = squared_errors.mean() / text_tokens.clamp(min=1)
-                routing_loss = routing_loss + config.difficulty_loss_coef * difficulty_loss
-            if aux_loss is not None:
-                routing_loss = routing_loss + config.router_aux_loss_coef * aux_loss
-            # `num_items_in_batch` (the Trainer's) counts the text tokens of the whole optimizer step: every
-            # micro-batch of a gradient-accumulation step, on every rank. The routing terms are means over this
-            # micro-batch, so they are weighted by its share of those tokens: summed over the step (as the
-            # Trainer's scaling does) they give the token-weighted mean, and L_diff exactly what one device on
-            # one batch gives. Without `num_items_in_batch` the share is 1.
-            share = text_tokens / count if num_items_in_batch is not None else 1.0
-            loss = ce_loss + share * routing_loss
-
-        expert_load = []
-        for r in routings:
-            real = (
-                r.expert_indices.new_ones(r.expert_indices.shape[0]) if token_mask is None else token_mask.reshape(-1)
-            )
-            slot_weights = real.float()[:, None].expand(r.expert_indices.shape).reshape(-1)
-            counts = torch.zeros(config.num_experts + 1, device=slot_weights.device)
-            counts = counts.scatter_add_(0, r.expert_indices.reshape(-1), slot_weights)[: config.num_experts]
-            expert_load.append(counts / counts.sum().clamp(min=1))
+        targets = next_token_labels(labels, shift_labels)
+        text = targets != -100
+        text_tokens = text.sum()
+        # Without `num_items_in_batch`: the mean over this batch's text tokens, 0 (not NaN) when it has none.
+        count = text_tokens.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        ce_loss = self.loss_function(
+            logits, labels, config.get_text_config().vocab_size, num_items_in_batch=count, shift_labels=shift_labels
+        )
+        routing_loss, difficulty_loss = 0.0, None
+        if difficulty:
+            # Masked sums (no boolean indexing) keep the host out of it and give 0 when there is no text label.
+            nll, weight = token_nll(logits, targets), text.float()
+            squared_errors = torch.stack([((d.float() - nll) ** 2 * weight).sum() for d in difficulty])
+            difficulty_loss = squared_errors.mean() / text_tokens.clamp(min=1)
+            routing_loss = config.difficulty_loss_coef * difficulty_loss
+        if aux_loss is not None:
+            routing_loss = routing_loss + config.router_aux_loss_coef * aux_loss
+        # `num_items_in_batch` (the Trainer's) counts the text tokens of the whole optimizer step: every
+        # micro-batch of a gradient-accumulation step, on every rank. The routing terms are means over this
+        # micro-batch, so they are weighted by its share of those tokens: summed over the step (as the
+        # Trainer's scaling does) they give the token-weighted mean, and L_diff exactly what one device on one
+        # batch gives. Without `num_items_in_batch` the share is 1.
+        share = 1.0
+        if num_items_in_batch is not None:
+            share = text_tokens / torch.as_tensor(num_items_in_batch, device=text_tokens.device).clamp(min=1)
         return {
-            "loss": loss,
+            "loss": ce_loss + share * routing_loss,
             "ce_loss": ce_loss,
             "difficulty_loss": difficulty_loss,
-            "aux_loss": aux_loss,
-            "expert_counts": tuple(r.expert_counts.view(batch_size, seq_len) for r in routings),
-            "expert_load": tuple(expert_load),
-            "difficulty": tuple(dare) if dare else None,
-            "token_mask": token_mask,
         }
+
+
+LOSS_KWARGS = ("num_items_in_batch", "shift_labels", "output_router_logits")
+
+
+def pop_loss_kwargs(kwargs: dict) -> dict:
+    """The forward's keyword arguments that concern the loss and outputs, not the decoder."""
+    return {name: kwargs.pop(name) for name in LOSS_KWARGS if name in kwargs}
 
 
 class MoEPreTrainedModel(MoEModelMixin, PreTrainedModel):
@@ -413,24 +437,27 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> MoEOutputWithPast:
         """Like any transformers causal LM; with `labels`, `loss` = CE + alpha * L_diff + beta * L_lb."""
-        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        loss_kwargs = pop_loss_kwargs(kwargs)
         seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        token_mask = self._prepare_moe_blocks(attention_mask, seq_len, None, self.training or labels is not None)
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            **kwargs,
-        )
-        return self._moe_output(outputs, labels, token_mask, num_items_in_batch, logits_to_keep)
+        context = self.routing_context(attention_mask, seq_len, None, self.training or labels is not None)
+        with routing_context(context):
+            outputs = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        return self.moe_output(outputs, context, labels, logits_to_keep, loss_kwargs)
 
 
 class MoELlavaPreTrainedModel(MoEModelMixin, LlavaPreTrainedModel):
     config: MoELlavaConfig
     config_class = MoELlavaConfig
+    # `auto_map["AutoModel"]` of saved checkpoints (see `set_base_model_auto_map`).
+    base_model_auto_class = "MoELlavaModel"
 
 
 class MoELlavaModel(MoELlavaPreTrainedModel, LlavaModel):
@@ -444,6 +471,24 @@ class MoELlavaModel(MoELlavaPreTrainedModel, LlavaModel):
         self.language_model = AutoModel.from_config(config.text_config)
         install_moe_blocks(self.language_model, config)
         self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        **kwargs,
+    ):
+        """`LlavaModel.forward`. Called on its own (`AutoModel`, which vLLM's and SGLang's transformers backends
+        build) it opens its own routing context: image tokens from `input_ids` (with only `inputs_embeds` no
+        token counts as an image token, which changes LTDR's routing, not Top-K's or DARE's), no routing loss."""
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
+        if current_routing_context() is not None:
+            return super().forward(**inputs)
+        vision_mask = None if input_ids is None else input_ids == self.config.image_token_id
+        seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        with routing_context(self.routing_context(attention_mask, seq_len, vision_mask, False)):
+            return super().forward(**inputs)
 
 
 class MoELlavaForConditionalGeneration(MoELlavaPreTrainedModel, LlavaForConditionalGeneration):
@@ -473,7 +518,7 @@ class MoELlavaForConditionalGeneration(MoELlavaPreTrainedModel, LlavaForConditio
     ) -> MoEOutputWithPast:
         """Like transformers' `LlavaForConditionalGeneration.forward`; with `labels`, `loss` = CE +
         alpha * L_diff + beta * L_lb, and image-token positions should carry the label -100."""
-        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        loss_kwargs = pop_loss_kwargs(kwargs)
         if input_ids is not None:
             vision_mask = input_ids == self.config.image_token_id
         else:
@@ -481,23 +526,25 @@ class MoELlavaForConditionalGeneration(MoELlavaPreTrainedModel, LlavaForConditio
                 torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
             )
             vision_mask = (inputs_embeds == image_embedding).all(-1)
-        with_losses = self.training or labels is not None
-        token_mask = self._prepare_moe_blocks(attention_mask, vision_mask.shape[1], vision_mask, with_losses)
-        outputs = self.model(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            **kwargs,
+        context = self.routing_context(
+            attention_mask, vision_mask.shape[1], vision_mask, self.training or labels is not None
         )
-        return self._moe_output(
+        with routing_context(context):
+            outputs = self.model(
+                input_ids=input_ids,
+                pixel_values=pixel_values,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                **kwargs,
+            )
+        return self.moe_output(
             outputs,
+            context,
             labels,
-            token_mask,
-            num_items_in_batch,
             logits_to_keep,
+            loss_kwargs,
             vision_mask=vision_mask,
             image_hidden_states=outputs.image_hidden_states,
         )

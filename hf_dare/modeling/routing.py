@@ -7,11 +7,15 @@ over the experts used.
 """
 
 import itertools
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .statistics import expert_load
 
 
 @dataclass
@@ -35,14 +39,66 @@ class Routing:
     aux_loss: torch.Tensor | None = None
 
 
+@dataclass
+class RoutingContext:
+    """What the MoE blocks of one forward share, opened by the model around its decoder (`routing_context`).
+
+    - `token_mask` (B, L): real (non-padding) tokens; `vision_mask` (B, L): image tokens; None: all / none.
+    - `with_aux_loss`: the blocks compute their load-balancing loss (training, or labels given).
+    - `observe`: DARE's routers keep their predictions for the next threshold update (training).
+    - `routings`: filled by the blocks, in the order they ran; `record=False` (a gradient-checkpointing
+      recomputation of a forward already recorded) leaves it alone.
+    """
+
+    token_mask: torch.Tensor | None = None
+    vision_mask: torch.Tensor | None = None
+    with_aux_loss: bool = False
+    observe: bool = False
+    record: bool = True
+    routings: list[Routing] = field(default_factory=list)
+
+    def masks_for(self, batch_size: int, seq_len: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """This forward's (B, L) masks, or None where a mask does not fit the tokens the block sees."""
+        shape = (batch_size, seq_len)
+        fit = [m if m is not None and tuple(m.shape) == shape else None for m in (self.token_mask, self.vision_mask)]
+        return fit[0], fit[1]
+
+
+try:  # a ContextVar that `torch.compile` can trace (transformers >= 5.x)
+    from transformers.utils.output_capturing import CompileableContextVar as _ContextVar
+except ImportError:  # pragma: no cover - older transformers
+    from contextvars import ContextVar
+
+    def _ContextVar(name):  # noqa: N802
+        return ContextVar(name, default=None)
+
+
+_ACTIVE_ROUTING = _ContextVar("hf_dare_routing_context")
+
+
+def current_routing_context() -> RoutingContext | None:
+    """The routing context of the forward in progress on this thread, or None outside a model's forward."""
+    return _ACTIVE_ROUTING.get()
+
+
+@contextmanager
+def routing_context(context: RoutingContext) -> Iterator[RoutingContext]:
+    """Make `context` the one the MoE blocks see until the block exits (per thread, nestable)."""
+    token = _ACTIVE_ROUTING.set(context)
+    try:
+        yield context
+    finally:
+        _ACTIVE_ROUTING.reset(token)
+
+
 def load_balancing_loss(
     router_probs: torch.Tensor, expert_indices: torch.Tensor, token_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Switch / GShard balancing loss E * sum_i f_i * Pbar_i over the tokens in `token_mask`.
 
-    f_i is the fraction of routed (token, expert) slots that go to expert i, Pbar_i the mean router
-    probability of expert i. `router_probs` (T, E), `expert_indices` (T, K) with sentinel E, `token_mask` (T,)
-    or (B, L) with B * L = T.
+    f_i is the fraction of routed (token, expert) slots that go to expert i (`expert_load`), Pbar_i the mean
+    router probability of expert i. `router_probs` (T, E), `expert_indices` (T, K) with sentinel E,
+    `token_mask` (T,) or (B, L) with B * L = T.
     Returns 0 (still attached to the graph) when no token is selected.
     """
     num_experts = router_probs.shape[-1]
@@ -50,10 +106,7 @@ def load_balancing_loss(
         weights = router_probs.new_ones(router_probs.shape[0])
     else:
         weights = token_mask.reshape(-1).to(router_probs.dtype)
-    slot_counts = torch.zeros(num_experts + 1, dtype=router_probs.dtype, device=router_probs.device)
-    slot_counts.scatter_add_(0, expert_indices.reshape(-1), weights.repeat_interleave(expert_indices.shape[-1]))
-    slot_counts = slot_counts[:num_experts]
-    expert_fraction = slot_counts / slot_counts.sum().clamp(min=1.0)
+    expert_fraction = expert_load(expert_indices, num_experts, token_mask).to(router_probs.dtype)
     mean_probs = (router_probs * weights[:, None]).sum(0) / weights.sum().clamp(min=1.0)
     return num_experts * (expert_fraction * mean_probs).sum()
 
@@ -261,6 +314,9 @@ class DareRouter(TopKRouter):
     ) -> Routing:
         router_logits, router_probs = self.router_probs(hidden_states)
         difficulty = self.difficulty_predictor(hidden_states.detach() if self.detach_input else hidden_states)
+        context = current_routing_context()
+        if context is not None and context.observe and context.record:
+            self.threshold_tracker.observe(difficulty, token_mask)
         expert_counts = self.threshold_tracker.expert_counts(difficulty)
         return self.route(
             router_logits, router_probs, expert_counts, self.max_experts, hidden_states.dtype, difficulty

@@ -8,10 +8,11 @@ LLaVA format: `[{"id": ..., "image": "rel/path.png" | ["a.png", "b.png"] | absen
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from datasets import Dataset, Features, List, Value
+
+from hf_dare.images import load_image
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -84,12 +85,6 @@ def conversation_to_messages(conversations: list[dict], with_images: bool = True
     return messages
 
 
-def _load_image(image: Any):
-    from PIL import Image
-
-    return Image.open(image).convert("RGB") if isinstance(image, (str, os.PathLike)) else image
-
-
 class LlavaDataCollator:
     """Batches LLaVA-format samples (from `load_llava_dataset`) for training.
 
@@ -144,7 +139,7 @@ class LlavaDataCollator:
             text, answer_spans = self.render(conversation_to_messages(sample["conversations"], self.has_images))
             texts.append(text)
             spans.append(answer_spans)
-            images.append([_load_image(image) for image in sample_images])
+            images.append([load_image(image) for image in sample_images])
 
         kwargs = dict(padding=True, padding_side="right", return_offsets_mapping=True, add_special_tokens=False)
         if any(images):

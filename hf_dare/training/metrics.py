@@ -4,7 +4,7 @@ modality), the distribution of experts per token and the expert load balance."""
 import torch
 from torch import nn
 
-from hf_dare.modeling import MoEBlock
+from hf_dare.modeling import MoEBlock, avg_k, avg_k_per_layer, avg_k_sums, load_cv
 
 # Logged name -> output field of the routing losses.
 ROUTING_LOSSES = {"difficulty": "difficulty_loss", "aux": "aux_loss"}
@@ -81,14 +81,12 @@ class RoutingMetrics:
         expert_counts = get("expert_counts")
         if not expert_counts or len(expert_counts) != len(self.layer_indices):
             return
-        real = get("token_mask")
-        real = torch.ones_like(expert_counts[0], dtype=torch.bool) if real is None else real
-        vision = get("vision_mask")
-        vision = torch.zeros_like(real) if vision is None else vision
-        masks = torch.stack([real & ~vision, real & vision], dim=-1).double()  # (B, L, 2)
+        token_mask = get("token_mask")
+        k_sum, tokens = avg_k_sums(expert_counts, token_mask, get("vision_mask"))
+        sums["k_sum"] += k_sum
+        sums["k_tokens"] += tokens
+        real = torch.ones_like(expert_counts[0], dtype=torch.bool) if token_mask is None else token_mask
         for i, counts in enumerate(expert_counts):
-            sums["k_sum"][i] += (counts.double()[..., None] * masks).sum((0, 1))
-            sums["k_tokens"][i] += masks.sum((0, 1))
             sums["k_hist"][i] += torch.bincount(counts[real].clamp(max=self.width), minlength=self.width + 1).double()
         sums["load"] += torch.stack([load.detach().double() for load in get("expert_load")])
         sums["load_forwards"] += 1
@@ -122,24 +120,32 @@ class RoutingMetrics:
                 metrics[f"loss/{name}"] = value.item()
         if not self.layer_indices or sums["k_tokens"].sum().item() == 0:
             return metrics
-        metrics["routing/avg_k"] = (sums["k_sum"].sum() / sums["k_tokens"].sum()).item()
-        for modality, column in (("text", 0), ("vision", 1)):
-            if sums["k_tokens"][:, column].sum().item() > 0:
-                value = sums["k_sum"][:, column].sum() / sums["k_tokens"][:, column].sum()
-                metrics[f"routing/avg_k_{modality}"] = value.item()
+        metrics.update(self._avg_k_metrics(sums["k_sum"], sums["k_tokens"]))
         hist = sums["k_hist"].sum(0)
         for n in range(1, self.width + 1):
             metrics[f"routing/frac_{n}_experts"] = (hist[n] / hist.sum().clamp(min=1)).item()
-        load = sums["load"] / sums["load_forwards"].clamp(min=1)
-        for i, layer_idx in enumerate(self.layer_indices):
-            metrics[f"routing/avg_k_layer_{layer_idx}"] = (sums["k_sum"][i].sum() / sums["k_tokens"][i].sum()).item()
-            for modality, column in (("text", 0), ("vision", 1)):
-                if sums["k_tokens"][i, column].item() > 0:
-                    value = sums["k_sum"][i, column] / sums["k_tokens"][i, column]
-                    metrics[f"routing/avg_k_{modality}_layer_{layer_idx}"] = value.item()
-            cv = load[i].std(unbiased=False) / load[i].mean().clamp(min=1e-12)
-            metrics[f"routing/load_cv_layer_{layer_idx}"] = cv.item()
+        cv = load_cv(sums["load"] / sums["load_forwards"].clamp(min=1)).tolist()
+        metrics.update({f"routing/load_cv_layer_{i}": value for i, value in zip(self.layer_indices, cv, strict=True)})
         return metrics
+
+    def _avg_k_metrics(self, k_sum: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
+        """`routing/avg_k{_text|_vision}` and `routing/avg_k{_text|_vision}_layer_{i}` from the (layers, 2)
+        sums; a modality without tokens has no entry."""
+        metrics = {}
+        for modality, suffix in (("all", ""), ("text", "_text"), ("vision", "_vision")):
+            metrics[f"routing/avg_k{suffix}"] = avg_k(k_sum, tokens, modality)
+            by_layer = avg_k_per_layer(k_sum, tokens, modality)
+            for layer_idx, value in zip(self.layer_indices, by_layer, strict=True):
+                metrics[f"routing/avg_k{suffix}_layer_{layer_idx}"] = value
+        return {name: value for name, value in metrics.items() if value is not None}
+
+    def mean_expert_load(self) -> torch.Tensor:
+        """(layers, E) mean `expert_load` of the forwards since the last `compute()` on this rank ((0, E)
+        before any); read it before `compute()`, which resets the sums."""
+        forwards = self.sums["load_forwards"].item()
+        if forwards == 0:
+            return self.sums["load"].new_empty(0, self.num_experts).cpu()
+        return (self.sums["load"] / forwards).cpu()
 
 
 def values_by_layer(metrics: dict[str, float], prefix: str) -> dict[int, float]:
@@ -153,7 +159,7 @@ def threshold_metrics(model: nn.Module) -> dict[str, float]:
     metrics = {}
     for module in model.modules():
         # hasattr, not isinstance(DareRouter): PEFT's modules_to_save wraps the router and forwards attributes.
-        if isinstance(module, MoEBlock) and hasattr(module.router, "threshold_tracker"):
-            for j, tau in enumerate(module.router.threshold_tracker.thresholds.tolist(), start=1):
+        if isinstance(module, MoEBlock) and hasattr(module.gate, "threshold_tracker"):
+            for j, tau in enumerate(module.gate.threshold_tracker.thresholds.tolist(), start=1):
                 metrics[f"routing/threshold_layer_{module.layer_idx}_{j}"] = tau
     return metrics

@@ -195,7 +195,7 @@ def test_import_refusals(tmp_path, capsys):
         import_moellava(src, tmp_path / "out")
     (src / "config.json").write_text(json.dumps({**config, "moe": {**config["moe"], "moe_layers_idx": [0, 1]}}))
     with pytest.raises(
-        ConversionError, match=r"missing tensor\(s\) for .*: model\.language_model\.layers\.1\.mlp\.router"
+        ConversionError, match=r"missing tensor\(s\) for .*: model\.language_model\.layers\.1\.mlp\.gate"
     ):
         import_moellava(src, tmp_path / "out")
     assert leftovers(tmp_path, "out") == []

@@ -63,12 +63,12 @@ def test_upcycled_folder_is_a_complete_checkpoint(dense_dirs, tmp_path):
                 block.experts.gate_up_proj[e], torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
             )
             torch.testing.assert_close(block.experts.down_proj[e], mlp.down_proj.weight)
-        assert block.router.threshold_tracker.thresholds.tolist() == moe.config.initial_thresholds == [0.0, 1.0]
+        assert block.gate.threshold_tracker.thresholds.tolist() == moe.config.initial_thresholds == [0.0, 1.0]
     torch.testing.assert_close(moe.model.layers[0].mlp.up_proj.weight, dense[0].mlp.up_proj.weight)
     # The seed decides the routers, nothing else does.
     again = upcycle(src, tmp_path / "again", num_experts=3, router="dare", moe_layers=[1, 3], seed=0)
     other = upcycle(src, tmp_path / "other", num_experts=3, router="dare", moe_layers=[1, 3], seed=1)
-    router = "model.layers.1.mlp.router.weight"
+    router = "model.layers.1.mlp.gate.weight"
     weights = {
         p.name: AutoModelForCausalLM.from_pretrained(p, trust_remote_code=True).state_dict()[router]
         for p in (again, other)

@@ -12,7 +12,7 @@ def sharpen_routers(model, scale: float = 40.0) -> None:
     """Routers far from uniform (as trained ones are), so that routing decisions differ between tokens."""
     with torch.no_grad():
         for block in model.moe_blocks:
-            block.router.weight.normal_(0.0, scale * 0.02)
+            block.gate.weight.normal_(0.0, scale * 0.02)
 
 
 def text_model(router: str) -> MoEForCausalLM:

@@ -1,14 +1,20 @@
-"""The experts implementations (`eager`, `batched_mm`, `grouped_mm`, and the CPU decode path) against a
-naive per-token reference, on routings with a variable number of experts per token (sentinel slots)."""
+"""The experts kernels registered in transformers' experts interface (hf-dare's `eager`, `hf_dare`,
+`hf_dare_token_loop`, `hf_dare_grouped_mm`, and transformers' `grouped_mm` / `batched_mm`) against a naive
+per-token reference, on routings with a variable number of experts per token (sentinel slots)."""
+
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
-from hf_dare.modeling import modeling_moe_llava
+from hf_dare import MoEForCausalLM
+from hf_dare.modeling import experts as experts_module
+from hf_dare.modeling.experts import TOKEN_LOOP_MAX_TOKENS, sentinel_safe_routing
 from hf_dare.modeling.modeling_moe_llava import MoEBlock
 from tests import tiny_models
 
-IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
+IMPLEMENTATIONS = ("eager", "hf_dare", "hf_dare_token_loop", "hf_dare_grouped_mm", "grouped_mm", "batched_mm")
 NUM_EXPERTS, WIDTH, NUM_TOKENS = 4, 4, 11
 
 
@@ -31,6 +37,16 @@ def variable_routing(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     indices = indices.masked_fill(unused, NUM_EXPERTS)
     weights = torch.rand(NUM_TOKENS, WIDTH, generator=generator).masked_fill(unused, 0.0)
     return indices, weights / weights.sum(-1, keepdim=True)
+
+
+def through_the_interface(experts, implementation: str):
+    """The experts as an MoE block calls them under `implementation` (sentinels as that kernel takes them)."""
+    experts.config._experts_implementation = implementation
+
+    def call(hidden_states, indices, weights):
+        return experts(hidden_states, *sentinel_safe_routing(indices, weights, NUM_EXPERTS, implementation))
+
+    return call
 
 
 def naive_experts(experts, hidden_states, indices, weights) -> torch.Tensor:
@@ -58,17 +74,16 @@ def forward_and_grads(experts, function, hidden_states, indices, weights):
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_implementation_matches_naive_reference_forward_and_backward(implementation):
-    block = dare_block()
-    experts = block.experts
-    assert experts._is_expert_parallel  # set by MoEBlock for routers that emit sentinels
+    experts = dare_block().experts
     hidden_states = torch.randn(NUM_TOKENS, 32)
     indices, weights = variable_routing()
 
     reference, reference_grads = forward_and_grads(
         experts, lambda h, i, w: naive_experts(experts, h, i, w), hidden_states, indices, weights
     )
-    experts.config._experts_implementation = implementation
-    out, grads = forward_and_grads(experts, experts, hidden_states, indices, weights)
+    out, grads = forward_and_grads(
+        experts, through_the_interface(experts, implementation), hidden_states, indices, weights
+    )
 
     assert not out.isnan().any()
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
@@ -80,70 +95,90 @@ def test_implementation_matches_naive_reference_forward_and_backward(implementat
     assert (grads[1][indices == NUM_EXPERTS] == 0).all()  # sentinel slots get no routing-weight gradient
 
 
-def test_grouped_mm_with_sentinels_has_no_nan_on_repeated_calls():
-    """transformers' grouped_mm leaves sentinel rows uninitialised unless masked; many calls with fresh
-    allocations would expose garbage (NaN / huge values) if the masking were off."""
+@pytest.mark.parametrize("implementation", ["hf_dare_grouped_mm", "grouped_mm"])
+def test_grouped_mm_with_sentinels_has_no_nan_on_repeated_calls(implementation):
+    """grouped_mm leaves the rows past the last group uninitialised; many calls with fresh allocations would
+    expose garbage (NaN / huge values) if sentinel slots reached them unmasked."""
     experts = dare_block().experts
-    experts.config._experts_implementation = "grouped_mm"
+    call = through_the_interface(experts, implementation)
     indices, weights = variable_routing()
     hidden_states = torch.randn(NUM_TOKENS, 32)
     reference = naive_experts(experts, hidden_states, indices, weights).detach()
     for _ in range(20):
         torch.empty(1 << 16).fill_(float("nan"))  # dirty the allocator's free blocks
         with torch.no_grad():
-            out = experts(hidden_states, indices, weights)
+            out = call(hidden_states, indices, weights)
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
 
 
-def test_decode_forward_matches_naive_reference():
-    experts = dare_block().experts
-    hidden_states = torch.randn(NUM_TOKENS, 32)
-    indices, weights = variable_routing(seed=1)
-    out = experts.decode_forward(hidden_states, indices, weights)
-    torch.testing.assert_close(out, naive_experts(experts, hidden_states, indices, weights), atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_eager_and_decode_path_agree_inside_the_block(implementation):
-    """A block's output on a few tokens is the same whether it takes the decode path (no grad) or the
-    experts implementation (grad enabled)."""
-    block = dare_block().eval()
-    block.router.threshold_tracker.thresholds.copy_(torch.tensor([-1.0, 0.7, 1e6]))  # 2-3 experts per token
-    block.experts.config._experts_implementation = implementation
-    hidden_states = torch.randn(1, modeling_moe_llava.DECODE_PATH_MAX_TOKENS, 32)
+def test_set_experts_implementation_selects_each_kernel_in_a_model(implementation):
+    """`set_experts_implementation` accepts every registered name, and the model computes the same logits and
+    gradients with each (DARE: a variable number of experts per token)."""
+    torch.manual_seed(0)
+    model = MoEForCausalLM(tiny_models.moe_config(router="dare", difficulty_predictor_dropout=0.0))
+    batch = tiny_models.random_batch(model.config)
     with torch.no_grad():
-        decoded = block(hidden_states)
-    counts = block.pop_routing().expert_counts
-    assert counts.min() >= 2 and counts.max() <= 3
-    full = block(hidden_states).detach()
-    torch.testing.assert_close(decoded, full, atol=1e-5, rtol=1e-5)
+        predicted = model(**batch).difficulty
+    for block, difficulty in zip(model.moe_blocks, predicted, strict=True):  # 1-4 experts, a quarter each
+        block.gate.threshold_tracker.thresholds.copy_(torch.quantile(difficulty, torch.tensor([0.25, 0.5, 0.75])))
+    results = {}
+    for name in ("eager", implementation):
+        model.set_experts_implementation(name)
+        assert model.config._experts_implementation == name
+        model.zero_grad(set_to_none=True)
+        out = model(**batch)
+        out.loss.backward()
+        results[name] = (out.logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    counts = torch.cat([c.flatten() for c in out.expert_counts])
+    assert counts.min() < counts.max()  # sentinels were in play
+    torch.testing.assert_close(results[implementation][0], results["eager"][0], atol=1e-5, rtol=1e-5)
+    for grad, reference in zip(results[implementation][1], results["eager"][1], strict=True):
+        torch.testing.assert_close(grad, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_the_default_kernel_follows_the_device():
+    model = MoEForCausalLM(tiny_models.moe_config(router="dare"))
+    expected = "hf_dare_grouped_mm" if torch.cuda.is_available() else "hf_dare"
+    assert model.config._experts_implementation == expected
 
 
 class Spy:
-    def __init__(self):
-        self.calls = 0
+    def __init__(self, name: str, log: list):
+        self.name, self.log = name, log
 
-    def __call__(self, hidden_states, top_k_index, top_k_weights):
-        self.calls += 1
+    def __call__(self, experts, hidden_states, top_k_index, top_k_weights):
+        self.log.append(self.name)
         return torch.zeros_like(hidden_states)
 
 
 @pytest.mark.parametrize(
-    ("num_tokens", "grad", "device", "expect_decode"),
+    ("num_tokens", "grad", "device", "expect_token_loop"),
     [
         (1, False, "cpu", True),
-        (modeling_moe_llava.DECODE_PATH_MAX_TOKENS, False, "cpu", True),
-        (modeling_moe_llava.DECODE_PATH_MAX_TOKENS + 1, False, "cpu", False),
+        (TOKEN_LOOP_MAX_TOKENS, False, "cpu", True),
+        (TOKEN_LOOP_MAX_TOKENS + 1, False, "cpu", False),
         (1, True, "cpu", False),
         (1, False, "meta", False),  # any non-CPU device
     ],
 )
-def test_decode_path_only_on_cpu_without_grad_for_few_tokens(num_tokens, grad, device, expect_decode):
+def test_hf_dare_takes_the_token_loop_only_on_cpu_without_grad_for_few_tokens(
+    monkeypatch, num_tokens, grad, device, expect_token_loop
+):
     block = dare_block().eval().to(device)
-    decode, experts_forward = Spy(), Spy()
-    block.experts.decode_forward = decode
-    block.experts.forward = experts_forward
+    block.experts.config._experts_implementation = "hf_dare"
+    calls = []
+    monkeypatch.setattr(experts_module, "token_loop_experts_forward", Spy("loop", calls))
+    monkeypatch.setattr(experts_module, "sorted_experts_forward", Spy("sorted", calls))
     with torch.set_grad_enabled(grad):
         block(torch.randn(1, num_tokens, 32, device=device))
-    assert (decode.calls, experts_forward.calls) == ((1, 0) if expect_decode else (0, 1))
+    assert calls == ["loop" if expect_token_loop else "sorted"]
+
+
+def test_no_private_transformers_attribute_is_set():
+    """Sentinel masking and the kernel default go through the experts interface, not transformers' flags."""
+    package = Path(experts_module.__file__).parents[1]
+    source = "\n".join(path.read_text() for path in package.rglob("*.py"))
+    assert "_is_expert_parallel" not in source
+    assert not re.search(r"\._experts_implementation(_internal)?\s*=[^=]", source)

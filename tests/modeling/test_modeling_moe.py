@@ -29,7 +29,7 @@ def test_forward_backward_and_loss_parts(family, router):
     outputs.loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
-    router_grads = [block.router.weight.grad for block in model.moe_blocks]
+    router_grads = [block.gate.weight.grad for block in model.moe_blocks]
     assert all(g is not None and g.abs().sum() > 0 for g in router_grads)
 
 
@@ -81,14 +81,14 @@ def test_padding_is_left_out_of_the_routing_statistics():
 def test_training_forward_records_difficulties_for_the_thresholds():
     model = build(router="dare", threshold_momentum=0.0)
     model.train()
-    before = [b.router.threshold_tracker.thresholds.clone() for b in model.moe_blocks]
+    before = [b.gate.threshold_tracker.thresholds.clone() for b in model.moe_blocks]
     outputs = model(**random_batch(model.config, batch_size=4, seq_len=16))
     updated = model.update_difficulty_thresholds()
     assert sorted(updated) == model.config.moe_layers
     for block, old, predictions in zip(model.moe_blocks, before, outputs.difficulty, strict=True):
         levels = torch.tensor([0.6, 0.9, 0.99])
         expected = torch.cummax(torch.quantile(predictions.detach().flatten(), levels), 0).values
-        torch.testing.assert_close(block.router.threshold_tracker.thresholds, expected)
+        torch.testing.assert_close(block.gate.threshold_tracker.thresholds, expected)
         assert not torch.equal(old, expected)
     model.eval()
     model(**random_batch(model.config))
@@ -122,7 +122,7 @@ def test_save_and_load_round_trip(router, tmp_path):
     model = build("stablelm", router).eval()
     if router == "dare":
         for block in model.moe_blocks:
-            block.router.threshold_tracker.thresholds.copy_(torch.tensor([0.2, 0.7, 1.3]))
+            block.gate.threshold_tracker.thresholds.copy_(torch.tensor([0.2, 0.7, 1.3]))
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
     assert not list(tmp_path.glob("*.bin"))
@@ -133,7 +133,7 @@ def test_save_and_load_round_trip(router, tmp_path):
     for ours, theirs in zip(model.moe_blocks, loaded.moe_blocks, strict=True):
         assert isinstance(theirs, MoEBlock) and theirs.layer_idx == ours.layer_idx
         if router == "dare":
-            assert theirs.router.threshold_tracker.thresholds.tolist() == pytest.approx([0.2, 0.7, 1.3])
+            assert theirs.gate.threshold_tracker.thresholds.tolist() == pytest.approx([0.2, 0.7, 1.3])
 
 
 def test_tied_embeddings_stay_tied_after_loading(tmp_path):
@@ -164,7 +164,7 @@ def test_gradient_checkpointing_keeps_the_routing_gradients():
             model.activation_checkpointing_enable()
         model.train()
         model(**batch).loss.backward()
-        return {n: p.grad for n, p in model.named_parameters() if "router" in n}
+        return {n: p.grad for n, p in model.named_parameters() if ".gate." in n}
 
     plain, checkpointed = grads(False), grads(True)
     assert any("difficulty_predictor" in n for n in plain)
@@ -181,7 +181,7 @@ def test_reentrant_checkpointing_is_refused():
 
 def test_thresholds_stay_float32_in_a_bfloat16_model():
     model = build("qwen2", "dare", threshold_momentum=0.5).to(torch.bfloat16)
-    tracker = model.moe_blocks[0].router.threshold_tracker
+    tracker = model.moe_blocks[0].gate.threshold_tracker
     assert model.lm_head.weight.dtype == torch.bfloat16 and tracker.thresholds.dtype == torch.float32
     tracker.thresholds.copy_(torch.tensor([1.0, 1.1, 1.2]))
     tracker.observe(torch.full((100,), 1.07, dtype=torch.bfloat16))

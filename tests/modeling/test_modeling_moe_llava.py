@@ -70,7 +70,7 @@ def test_identical_experts_give_back_the_dense_llava(tower, router):
     moe = build(tower, router).eval()
     if router == "dare":
         for block in moe.moe_blocks:
-            block.router.threshold_tracker.thresholds.copy_(torch.tensor([-1.0, 0.5, 0.9]))
+            block.gate.threshold_tracker.thresholds.copy_(torch.tensor([-1.0, 0.5, 0.9]))
     config = moe.config
     dense_config = LlavaConfig(
         text_config=config.text_config,

@@ -42,7 +42,7 @@ def test_causal_lm_loads_and_computes_the_same_logits_without_hf_dare(tmp_path):
     torch.manual_seed(0)
     model = MoEForCausalLM(moe_config("qwen3", router="dare")).eval()
     for block in model.moe_blocks:
-        block.router.threshold_tracker.thresholds.copy_(torch.tensor([0.1, 0.4, 1.7]))
+        block.gate.threshold_tracker.thresholds.copy_(torch.tensor([0.1, 0.4, 1.7]))
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
@@ -71,7 +71,7 @@ def test_causal_lm_loads_and_computes_the_same_logits_without_hf_dare(tmp_path):
             logits = model(input_ids=expected["input_ids"]).logits
         torch.testing.assert_close(logits, expected["logits"], atol=0, rtol=0)
         for layer in model.config.moe_layers:
-            thresholds = model.model.layers[layer].mlp.router.threshold_tracker.thresholds
+            thresholds = model.model.layers[layer].mlp.gate.threshold_tracker.thresholds
             torch.testing.assert_close(thresholds, torch.tensor([0.1, 0.4, 1.7]))
         """,
         cwd=tmp_path,

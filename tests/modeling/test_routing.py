@@ -34,7 +34,7 @@ def test_top_k_matches_transformers_qwen3_moe_block(implementation):
     reference_config._experts_implementation = implementation
     reference = Qwen3MoeSparseMoeBlock(reference_config)
     with torch.no_grad():
-        reference.gate.weight.copy_(ours.router.weight)
+        reference.gate.weight.copy_(ours.gate.weight)
         reference.experts.gate_up_proj.copy_(ours.experts.gate_up_proj)
         reference.experts.down_proj.copy_(ours.experts.down_proj)
     hidden_states = torch.randn(3, 7, HIDDEN)

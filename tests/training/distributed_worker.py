@@ -23,9 +23,9 @@ from tests.training.helpers import as_dataset, digits_tensors, training_args
 
 def thresholds(model) -> dict[str, list[float]]:
     return {
-        str(block.layer_idx): block.router.threshold_tracker.thresholds.tolist()
+        str(block.layer_idx): block.gate.threshold_tracker.thresholds.tolist()
         for block in model.moe_blocks
-        if hasattr(block.router, "threshold_tracker")
+        if hasattr(block.gate, "threshold_tracker")
     }
 
 

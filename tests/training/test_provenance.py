@@ -16,7 +16,7 @@ def test_per_batch_mode_is_written_to_the_config():
     model = MoEForCausalLM(moe_config("qwen2", router="dare"))
     set_threshold_update_mode(model, per_batch=True)
     assert model.config.threshold_update == "per_batch"
-    assert all(block.router.threshold_tracker.mode == "per_batch" for block in model.moe_blocks)
+    assert all(block.gate.threshold_tracker.mode == "per_batch" for block in model.moe_blocks)
     set_threshold_update_mode(model, per_batch=False)
     assert model.config.threshold_update == "ema"
 

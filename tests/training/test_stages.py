@@ -111,7 +111,7 @@ def test_train_script_stage3_moe(tmp_path):
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert not any("vision_tower" in name for name in changed)
     assert any("difficulty_predictor" in name for name in changed)
-    thresholds = "model.language_model.layers.0.mlp.router.threshold_tracker.thresholds"
+    thresholds = "model.language_model.layers.0.mlp.gate.threshold_tracker.thresholds"
     assert after[thresholds].tolist() == pytest.approx([logs[-1][f"routing/threshold_layer_0_{j}"] for j in (1, 2, 3)])
     reloaded = hf_dare.MoELlavaForConditionalGeneration.from_pretrained(tmp_path / "out")
-    assert reloaded.model.language_model.layers[0].mlp.router.threshold_tracker.thresholds.tolist() != [0.0, 1.0, 2.0]
+    assert reloaded.model.language_model.layers[0].mlp.gate.threshold_tracker.thresholds.tolist() != [0.0, 1.0, 2.0]

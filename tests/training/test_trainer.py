@@ -39,9 +39,9 @@ def dare_model(seed: int = 0, **overrides) -> hf_dare.MoEForCausalLM:
 
 def thresholds_of(model) -> dict[int, torch.Tensor]:
     return {
-        block.layer_idx: block.router.threshold_tracker.thresholds.clone()
+        block.layer_idx: block.gate.threshold_tracker.thresholds.clone()
         for block in model.moe_blocks
-        if hasattr(block.router, "threshold_tracker")
+        if hasattr(block.gate, "threshold_tracker")
     }
 
 
@@ -127,7 +127,7 @@ def test_difficulty_loss_falls_and_predictor_learns(tmp_path):
     model.eval()
     with torch.no_grad():
         out = model(**data)
-    nll = token_nll(out.logits, data["labels"])
+    nll = token_nll(out.logits[:, :-1], data["labels"][:, 1:])
     before_hard = data["input_ids"][:, :-1] == len(SPECIAL_TOKENS) + WORDS.index("is")
     r2 = []
     for difficulty in out.difficulty:
@@ -207,7 +207,7 @@ def test_gradient_accumulation_counts_routing_losses_once(tmp_path):
         MoETrainer(model=model, args=args, train_dataset=data).train()
         weights.append(dict(model.named_parameters()))
     initial = dict(dare_model(router_aux_loss_coef=0.0).named_parameters())
-    name = "model.layers.0.mlp.router.difficulty_predictor.down.bias"
+    name = "model.layers.0.mlp.gate.difficulty_predictor.down.bias"
     assert not torch.allclose(weights[0][name], initial[name])
     for name, param in weights[0].items():
         torch.testing.assert_close(weights[1][name], param, atol=1e-5, rtol=1e-4, msg=name)

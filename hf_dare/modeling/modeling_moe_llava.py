@@ -109,7 +109,7 @@ class MoEBlock(nn.Module):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        self.gate = ROUTER_CLASSES[config.router](config)
+        self.gate = ROUTER_CLASSES[config.router_for(layer_idx)](config)
         self.experts = MoEExperts(config)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -171,10 +171,11 @@ class MoEOutputWithPast(MoeCausalLMOutputWithPast):
     `output_router_logits=True`...) plus hf-dare's routing outputs.
 
     `loss` = `ce_loss` + share * (alpha * `difficulty_loss` + beta * `aux_loss`), share = this batch's text
-    tokens / `num_items_in_batch` when that is given (the Trainer's), else 1. `aux_loss` is the mean over MoE
-    layers of their load-balancing losses. Per MoE layer (tuples in `config.moe_layers` order):
-    `expert_counts` (B, L) experts used per token, `expert_load` (E,) fraction of routed slots per expert over
-    real tokens, `difficulty` (B, L) DARE's predictions (DARE only). `token_mask` (B, L) marks real tokens,
+    tokens / `num_items_in_batch` when that is given (the Trainer's), else 1. `aux_loss` is the mean (or, with
+    `config.router_aux_loss_reduction="sum"`, MoE-LLaVA's sum) over MoE layers of their load-balancing losses.
+    Per MoE layer (tuples in `config.moe_layers` order): `expert_counts` (B, L) experts used per token,
+    `expert_load` (E,) fraction of routed slots per expert over real tokens; per DARE layer (in layer order):
+    `difficulty` (B, L) the difficulty signal (the predictor's, or the `difficulty_proxy`'s). `token_mask` (B, L) marks real tokens,
     `vision_mask` (B, L) image tokens.
     """
 
@@ -318,11 +319,16 @@ class MoEModelMixin:
         batch_size, seq_len = outputs.last_hidden_state.shape[:2]
         routings = context.routings
         aux_losses = [r.aux_loss for r in routings if r.aux_loss is not None]
-        aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
+        aux_loss = None
+        if aux_losses:
+            aux_loss = torch.stack(aux_losses)
+            aux_loss = aux_loss.sum() if self.config.router_aux_loss_reduction == "sum" else aux_loss.mean()
         difficulty = tuple(r.difficulty.view(batch_size, seq_len) for r in routings if r.difficulty is not None)
+        # L_diff trains the predictors; a proxy without one (random, router entropy) has no loss.
+        predicted = tuple(r.difficulty.view(batch_size, seq_len) for r in routings if r.predicted_difficulty)
         losses = {}
         if labels is not None:
-            losses = self.routing_loss(logits, labels, difficulty, aux_loss, **loss_kwargs)
+            losses = self.routing_loss(logits, labels, predicted, aux_loss, **loss_kwargs)
         router_logits = None
         if loss_kwargs.get("output_router_logits", getattr(self.config, "output_router_logits", False)):
             router_logits = tuple(r.router_logits for r in routings)
@@ -399,6 +405,23 @@ def pop_loss_kwargs(kwargs: dict) -> dict:
     return {name: kwargs.pop(name) for name in LOSS_KWARGS if name in kwargs}
 
 
+def experts_parallel_plans(layers: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Tensor- and expert-parallel plans of the MoE experts under `layers` (e.g. `model.layers`), as
+    Qwen3-MoE's: the backbone's own plan (`text_config.base_model_tp_plan`) covers attention and the dense FFNs;
+    gates and DARE's predictors are replicated."""
+    tp_plan = {
+        f"{layers}.*.mlp.experts.gate_up_proj": "packed_colwise",
+        f"{layers}.*.mlp.experts.down_proj": "rowwise",
+        f"{layers}.*.mlp.experts": "moe_tp_experts",
+    }
+    ep_plan = {
+        f"{layers}.*.mlp.experts.gate_up_proj": "grouped_gemm",
+        f"{layers}.*.mlp.experts.down_proj": "grouped_gemm",
+        f"{layers}.*.mlp.experts": "ep_dispatch_experts",
+    }
+    return tp_plan, ep_plan
+
+
 class MoEPreTrainedModel(MoEModelMixin, PreTrainedModel):
     config: MoECausalLMConfig
     config_class = MoECausalLMConfig
@@ -409,12 +432,21 @@ class MoEPreTrainedModel(MoEModelMixin, PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # The default CPU kernel (`hf_dare`) breaks the graph once per MoE layer (data-dependent shapes); only
+    # `hf_dare_grouped_mm` / `grouped_mm` compile to one graph.
+    _can_compile_fullgraph = False
+
+
+_CAUSAL_LM_TP_PLAN, _CAUSAL_LM_EP_PLAN = experts_parallel_plans("model.layers")
 
 
 class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
     """A transformers decoder (`AutoModel.from_config(config.text_config)`) with MoE FFNs and an LM head."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output", **_CAUSAL_LM_TP_PLAN}
+    _ep_plan = _CAUSAL_LM_EP_PLAN
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: MoECausalLMConfig):
         super().__init__(config)
@@ -456,6 +488,7 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
 class MoELlavaPreTrainedModel(MoEModelMixin, LlavaPreTrainedModel):
     config: MoELlavaConfig
     config_class = MoELlavaConfig
+    _can_compile_fullgraph = False  # see MoEPreTrainedModel
     # `auto_map["AutoModel"]` of saved checkpoints (see `set_base_model_auto_map`).
     base_model_auto_class = "MoELlavaModel"
 
@@ -491,12 +524,18 @@ class MoELlavaModel(MoELlavaPreTrainedModel, LlavaModel):
             return super().forward(**inputs)
 
 
+_LLAVA_TP_PLAN, _LLAVA_EP_PLAN = experts_parallel_plans("model.language_model.layers")
+
+
 class MoELlavaForConditionalGeneration(MoELlavaPreTrainedModel, LlavaForConditionalGeneration):
     """MoE-LLaVA: transformers' `LlavaForConditionalGeneration` whose language model has MoE FFNs.
 
     Image tokens (`config.image_token_id`) are routed like text but flagged as vision tokens, which LTDR
     and the per-modality statistics use; DARE's difficulty target covers text positions only.
     """
+
+    _tp_plan = {"lm_head": "colwise_gather_output", **_LLAVA_TP_PLAN}
+    _ep_plan = _LLAVA_EP_PLAN
 
     def __init__(self, config: MoELlavaConfig):
         LlavaPreTrainedModel.__init__(self, config)

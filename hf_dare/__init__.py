@@ -8,6 +8,7 @@ own code and load with `trust_remote_code=True` where hf_dare is not installed.
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
+from .legacy import register_legacy_model_types
 from .modeling import (
     DareRouter,
     DifficultyPredictor,
@@ -28,12 +29,14 @@ from .modeling import (
 
 __version__ = "0.1.0"
 
-AutoConfig.register(MoECausalLMConfig.model_type, MoECausalLMConfig, exist_ok=True)
-AutoModelForCausalLM.register(MoECausalLMConfig, MoEForCausalLM, exist_ok=True)
-AutoConfig.register(MoELlavaConfig.model_type, MoELlavaConfig, exist_ok=True)
-AutoModelForImageTextToText.register(MoELlavaConfig, MoELlavaForConditionalGeneration, exist_ok=True)
+# Namespaced model types (`hf_dare_*`): no upstream model can collide with them, so no `exist_ok`.
+AutoConfig.register(MoECausalLMConfig.model_type, MoECausalLMConfig)
+AutoModelForCausalLM.register(MoECausalLMConfig, MoEForCausalLM)
+AutoConfig.register(MoELlavaConfig.model_type, MoELlavaConfig)
+AutoModelForImageTextToText.register(MoELlavaConfig, MoELlavaForConditionalGeneration)
 if hasattr(transformers, "AutoModelForVision2Seq"):  # removed in transformers 5
-    transformers.AutoModelForVision2Seq.register(MoELlavaConfig, MoELlavaForConditionalGeneration, exist_ok=True)
+    transformers.AutoModelForVision2Seq.register(MoELlavaConfig, MoELlavaForConditionalGeneration)
+register_legacy_model_types()  # folders written with the old model types `moe_causal_lm` / `moe_llava`
 
 # `save_pretrained` then writes the modeling code and an `auto_map` beside the weights.
 MoECausalLMConfig.register_for_auto_class()

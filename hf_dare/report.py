@@ -139,5 +139,5 @@ def report(
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
     dataset = load_llava_dataset(data, image_folder)
     evaluation = evaluate_vqa(model, processor, dataset, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    router = getattr(model.config, "router", "dense")
+    router = getattr(model.config, "router_description", None) or getattr(model.config, "router", None) or "dense"
     return write_report(evaluation, out_dir, title=f"({Path(model_dir).name}, {router})")

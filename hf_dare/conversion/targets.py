@@ -11,7 +11,14 @@ from ..modeling.modeling_moe_llava import set_base_model_auto_map
 from .checkpoint import ConversionError
 from .plan import PlannedTensor, fresh
 
-CODE_FILES = ("configuration_moe_llava.py", "modeling_moe_llava.py", "routing.py")
+CODE_FILES = (
+    "configuration_moe_llava.py",
+    "modeling_moe_llava.py",
+    "routing.py",
+    "experts.py",
+    "statistics.py",
+    "model_card.py",
+)
 
 
 def model_class_for(config: MoEConfigBase) -> type:
@@ -40,22 +47,26 @@ def router_plan(
     config: MoEConfigBase, layer_idx: int, dtype: torch.dtype, seed: int, anchor: str
 ) -> list[PlannedTensor]:
     """Freshly initialised router tensors of one MoE layer, as the model's own init does it: router and
-    predictor weights normal(0, initializer_range), biases 0, the predictor's RMSNorm 1, DARE's thresholds
-    at `config.initial_thresholds` (float32, like the buffer)."""
+    predictor weights normal(0, initializer_range), biases 0, the predictor's RMSNorm 1 (DARE with the `nll`
+    proxy), DARE's thresholds at `config.initial_thresholds` (float32, like the buffer). The layer's router is
+    `config.router_for(layer_idx)`."""
     text = config.text_config
     hidden = text.hidden_size
     std = getattr(text, "initializer_range", 0.02)
     p = f"{text_prefix(config)}layers.{layer_idx}.mlp.gate."
     plan = [fresh(p + "weight", (config.num_experts, hidden), dtype, "normal", seed, anchor, std)]
-    if config.router == "dare":
+    if config.router_for(layer_idx) == "dare":
         size = config.difficulty_predictor_size
         d = p + "difficulty_predictor."
+        if config.difficulty_proxy == "nll":
+            plan += [
+                fresh(d + "norm.weight", (hidden,), dtype, "ones", seed, anchor),
+                fresh(d + "up.weight", (size, hidden), dtype, "normal", seed, anchor, std),
+                fresh(d + "up.bias", (size,), dtype, "zeros", seed, anchor),
+                fresh(d + "down.weight", (1, size), dtype, "normal", seed, anchor, std),
+                fresh(d + "down.bias", (1,), dtype, "zeros", seed, anchor),
+            ]
         plan += [
-            fresh(d + "norm.weight", (hidden,), dtype, "ones", seed, anchor),
-            fresh(d + "up.weight", (size, hidden), dtype, "normal", seed, anchor, std),
-            fresh(d + "up.bias", (size,), dtype, "zeros", seed, anchor),
-            fresh(d + "down.weight", (1, size), dtype, "normal", seed, anchor, std),
-            fresh(d + "down.bias", (1,), dtype, "zeros", seed, anchor),
             fresh(
                 p + "threshold_tracker.thresholds",
                 (len(config.initial_thresholds),),

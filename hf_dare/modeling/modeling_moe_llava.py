@@ -56,7 +56,7 @@ if TRANSFORMERS_BEFORE_5_6:
     # Checkpoints hold the towers' weights without the `vision_model.` level: add it when loading (and drop it
     # when saving, where transformers reverses the mapping).
     register_checkpoint_conversion_mapping(
-        "moe_llava",
+        MoELlavaConfig.model_type,
         [
             WeightRenaming(
                 r"^model.vision_tower.(?=(?:embeddings|encoder|pre_layrnorm|post_layernorm|head)\.)",
@@ -120,6 +120,8 @@ class MoEBlock(nn.Module):
         routing = self.gate(flat, token_mask, vision_mask)
         if context is not None and context.with_aux_loss:
             routing.aux_loss = self.gate.aux_loss(routing, token_mask, vision_mask)
+            if hasattr(self.gate, "router_loss"):  # the baseline routers' own terms (Top-p, ReMoE, DynMoE)
+                routing.router_loss = self.gate.router_loss(routing, token_mask, vision_mask)
         index, weights = sentinel_safe_routing(
             routing.expert_indices,
             routing.expert_weights,
@@ -127,6 +129,8 @@ class MoEBlock(nn.Module):
             self.config._experts_implementation,
         )
         out = self.experts(flat, index, weights)
+        if routing.zero_computation_output is not None:  # MoE++'s zero / copy / constant experts
+            out = out + routing.zero_computation_output
         if context is not None and context.record:
             context.routings.append(routing)
         return out.view(batch_size, seq_len, hidden_dim)
@@ -176,7 +180,9 @@ class MoEOutputWithPast(MoeCausalLMOutputWithPast):
     Per MoE layer (tuples in `config.moe_layers` order): `expert_counts` (B, L) experts used per token,
     `expert_load` (E,) fraction of routed slots per expert over real tokens; per DARE layer (in layer order):
     `difficulty` (B, L) the difficulty signal (the predictor's, or the `difficulty_proxy`'s). `token_mask` (B, L) marks real tokens,
-    `vision_mask` (B, L) image tokens.
+    `vision_mask` (B, L) image tokens. `router_loss`: the mean over MoE layers of the routers' own weighted terms
+    (Top-p's dynamic loss, ReMoE's L1 penalty, DynMoE's regularisers; None for the others), added to the loss
+    beside beta * `aux_loss` (share * (... + `router_loss`)).
     """
 
     ce_loss: torch.FloatTensor | None = None
@@ -187,6 +193,7 @@ class MoEOutputWithPast(MoeCausalLMOutputWithPast):
     token_mask: torch.BoolTensor | None = None
     vision_mask: torch.BoolTensor | None = None
     image_hidden_states: torch.FloatTensor | None = None
+    router_loss: torch.FloatTensor | None = None
 
 
 def next_token_labels(labels: torch.Tensor, shift_labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -242,6 +249,8 @@ class MoEModelMixin:
             if isinstance(module, MoEExperts):
                 init.normal_(module.gate_up_proj, mean=0.0, std=std)
                 init.normal_(module.down_proj, mean=0.0, std=std)
+            elif hasattr(module, "init_router_weights"):  # routers with more than `weight` (the baselines)
+                module.init_router_weights(std)
             elif isinstance(module, TopKRouter):
                 init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, ThresholdTracker):
@@ -282,19 +291,30 @@ class MoEModelMixin:
             return requested_experts
         return super().get_correct_experts_implementation(requested_experts)
 
-    def update_difficulty_thresholds(self) -> dict[int, list[float]]:
-        """Move every DARE layer's thresholds toward the quantiles of the difficulties predicted since the
-        last call (once per optimizer step; `hf_dare.training.DareCallback` calls it). Returns the new
-        thresholds by layer index."""
+    def update_routing_state(self) -> dict[int, dict]:
+        """The routers' per-step state, moved once per optimizer step on every rank (`hf_dare.training.DareCallback`
+        calls it): DARE's thresholds toward the quantiles of the difficulties predicted since the last call,
+        ReMoE's L1 coefficient toward its target sparsity (a router's own `update_routing_state`). Returns what
+        moved by layer index: `{"thresholds": [...]}` (DARE), `{"l1_coef": ..., "sparsity": ...}` (ReMoE)."""
         updated = {}
         for block in self.moe_blocks:
             # Duck-typed, not isinstance: PEFT's `modules_to_save` wraps the gate (ModulesToSaveWrapper), which
             # forwards attribute access to the trained copy.
+            state = {}
             if hasattr(block.gate, "threshold_tracker"):
                 thresholds = block.gate.threshold_tracker.update()
                 if thresholds is not None:
-                    updated[block.layer_idx] = thresholds.tolist()
+                    state["thresholds"] = thresholds.tolist()
+            if hasattr(block.gate, "update_routing_state"):
+                state.update(block.gate.update_routing_state() or {})
+            if state:
+                updated[block.layer_idx] = state
         return updated
+
+    def update_difficulty_thresholds(self) -> dict[int, list[float]]:
+        """`update_routing_state` (every router's per-step update, DARE's thresholds and the others'), returning
+        DARE's new thresholds by layer index. Call one of the two once per optimizer step."""
+        return {i: state["thresholds"] for i, state in self.update_routing_state().items() if "thresholds" in state}
 
     def routing_context(
         self, attention_mask: torch.Tensor | None, seq_len: int, vision_mask: torch.Tensor | None, with_losses: bool
@@ -323,12 +343,14 @@ class MoEModelMixin:
         if aux_losses:
             aux_loss = torch.stack(aux_losses)
             aux_loss = aux_loss.sum() if self.config.router_aux_loss_reduction == "sum" else aux_loss.mean()
+        router_losses = [r.router_loss for r in routings if r.router_loss is not None]
+        router_loss = torch.stack(router_losses).mean() if router_losses else None
         difficulty = tuple(r.difficulty.view(batch_size, seq_len) for r in routings if r.difficulty is not None)
         # L_diff trains the predictors; a proxy without one (random, router entropy) has no loss.
         predicted = tuple(r.difficulty.view(batch_size, seq_len) for r in routings if r.predicted_difficulty)
         losses = {}
         if labels is not None:
-            losses = self.routing_loss(logits, labels, predicted, aux_loss, **loss_kwargs)
+            losses = self.routing_loss(logits, labels, predicted, aux_loss, router_loss=router_loss, **loss_kwargs)
         router_logits = None
         if loss_kwargs.get("output_router_logits", getattr(self.config, "output_router_logits", False)):
             router_logits = tuple(r.router_logits for r in routings)
@@ -348,6 +370,7 @@ class MoEModelMixin:
             ),
             difficulty=difficulty or None,
             token_mask=context.token_mask,
+            router_loss=router_loss,
             **extra,
         )
 
@@ -359,11 +382,12 @@ class MoEModelMixin:
         aux_loss: torch.Tensor | None,
         num_items_in_batch: torch.Tensor | int | None = None,
         shift_labels: torch.Tensor | None = None,
+        router_loss: torch.Tensor | None = None,
         **kwargs,
     ) -> dict:
-        """`loss` = CE + share * (alpha * L_diff + beta * L_lb), with its parts. CE is transformers' causal-LM
-        loss (`self.loss_function`: `num_items_in_batch`, `shift_labels`); DARE's target is the model's own
-        next-token NLL, detached, at the positions with a label (text)."""
+        """`loss` = CE + share * (alpha * L_diff + beta * L_lb + L_router), with its parts. CE is transformers'
+        causal-LM loss (`self.loss_function`: `num_items_in_batch`, `shift_labels`); DARE's target is the model's
+        own next-token NLL, detached, at the positions with a label (text); L_router the routers' own terms."""
         config = self.config
         targets = next_token_labels(labels, shift_labels)
         text = targets != -100
@@ -382,6 +406,8 @@ class MoEModelMixin:
             routing_loss = config.difficulty_loss_coef * difficulty_loss
         if aux_loss is not None:
             routing_loss = routing_loss + config.router_aux_loss_coef * aux_loss
+        if router_loss is not None:  # already weighted by the routers' own coefficients
+            routing_loss = routing_loss + router_loss
         # `num_items_in_batch` (the Trainer's) counts the text tokens of the whole optimizer step: every
         # micro-batch of a gradient-accumulation step, on every rank. The routing terms are means over this
         # micro-batch, so they are weighted by its share of those tokens: summed over the step (as the

@@ -47,7 +47,7 @@ def original_checkpoint(root, family: str, store_vision: bool, seed: int = 0):
     vision = save_vision_tower(vision_dir, "clip")
     text = tiny_models.text_config("stablelm" if family == "stablelm" else "qwen2", num_key_value_heads=4)
     reference = AutoModelForCausalLM.from_config(text).eval()
-    hidden, inter = text.hidden_size, text.intermediate_size
+    hidden = text.hidden_size
     state, prefix = {}, "model." if family == "stablelm" else "transformer."
     for name, tensor in reference.state_dict().items():
         layer = name.split(".")[2] if ".layers." in name else None
@@ -65,6 +65,29 @@ def original_checkpoint(root, family: str, store_vision: bool, seed: int = 0):
             state[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat(
                 [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
             )
+    _add_moe_layers(state, reference, family)
+    projector = {"linear_1.weight": torch.randn(hidden, 32) * 0.2, "linear_1.bias": torch.randn(hidden) * 0.1,
+                 "linear_2.weight": torch.randn(hidden, hidden) * 0.2, "linear_2.bias": torch.randn(hidden) * 0.1}  # fmt: skip
+    projector_key = "model.mm_projector.image_spatial_proj." if family == "stablelm" else "transformer.mm_projector."
+    for key, tensor in projector.items():
+        state[projector_key + key.replace("linear_1", "0").replace("linear_2", "2")] = tensor
+    if store_vision:
+        for key, tensor in vision.state_dict().items():
+            state[f"{prefix}image_tower.image_tower.vision_model.{key}"] = tensor.clone()
+
+    folder = root / f"moe-llava-{family}"
+    folder.mkdir()
+    _write_two_shards(folder, state)
+    (folder / "config.json").write_text(json.dumps(_original_config(family, text, vision_dir)))
+    tokenizer = tiny_models.tokenizer()
+    tokenizer.save_pretrained(folder)
+    return folder, reference, projector, vision, vision_dir
+
+
+def _add_moe_layers(state: dict, reference: nn.Module, family: str) -> None:
+    """Random DeepSpeed MoE layers (gate + experts) at `MOE_LAYERS`: their tensors under the original's names
+    into `state`, the same layers as `ReferenceTop2` into `reference`."""
+    hidden, inter = reference.config.hidden_size, reference.config.intermediate_size
     names = {"stablelm": ("gate_proj", "up_proj", "down_proj"), "qwen": ("w2", "w1", "c_proj")}[family]
     layer_key = "model.layers" if family == "stablelm" else "transformer.h"
     for i in MOE_LAYERS:
@@ -83,17 +106,10 @@ def original_checkpoint(root, family: str, store_vision: bool, seed: int = 0):
             for key, original_name in zip(("gate", "up", "down"), names, strict=True):
                 state[f"{moe}experts.deepspeed_experts.{e}.{original_name}.weight"] = w[key]
         reference.model.layers[i].mlp = ReferenceTop2(wg, experts)
-    projector = {"linear_1.weight": torch.randn(hidden, 32) * 0.2, "linear_1.bias": torch.randn(hidden) * 0.1,
-                 "linear_2.weight": torch.randn(hidden, hidden) * 0.2, "linear_2.bias": torch.randn(hidden) * 0.1}  # fmt: skip
-    projector_key = "model.mm_projector.image_spatial_proj." if family == "stablelm" else "transformer.mm_projector."
-    for key, tensor in projector.items():
-        state[projector_key + key.replace("linear_1", "0").replace("linear_2", "2")] = tensor
-    if store_vision:
-        for key, tensor in vision.state_dict().items():
-            state[f"{prefix}image_tower.image_tower.vision_model.{key}"] = tensor.clone()
 
-    folder = root / f"moe-llava-{family}"
-    folder.mkdir()
+
+def _write_two_shards(folder, state: dict) -> None:
+    """`state` as two safetensors shards and their index, as the released checkpoints are stored."""
     names_sorted = sorted(state)
     half = len(names_sorted) // 2
     shards = {
@@ -104,10 +120,6 @@ def original_checkpoint(root, family: str, store_vision: bool, seed: int = 0):
         save_file({k: state[k].contiguous() for k in keys}, folder / file_name, metadata={"format": "pt"})
     weight_map = {k: f for f, keys in shards.items() for k in keys}
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (folder / "config.json").write_text(json.dumps(_original_config(family, text, vision_dir)))
-    tokenizer = tiny_models.tokenizer()
-    tokenizer.save_pretrained(folder)
-    return folder, reference, projector, vision, vision_dir
 
 
 def _first_qwen_name(name: str) -> str:

@@ -24,7 +24,14 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeMLP, Qwen3M
 
 from hf_dare import MoECausalLMConfig
 from hf_dare.modeling.modeling_moe_llava import MoEBlock
-from hf_dare.modeling.routing import Routing, TopKRouter, load_balancing_loss, route_top_n
+from hf_dare.modeling.routing import (
+    Routing,
+    RoutingContext,
+    TopKRouter,
+    load_balancing_loss,
+    route_top_n,
+    routing_context,
+)
 
 IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 
@@ -146,14 +153,14 @@ def train_case(module: nn.Module, hidden_states: torch.Tensor, grad_output: torc
         for param in params:
             param.grad = None
         inputs.grad = None
-        out = module(inputs)
+        with routing_context(RoutingContext(with_aux_loss=is_block, observe=is_dare)) as context:
+            out = module(inputs)
         loss = (out * grad_output).sum()
         if is_block:
-            routing = module.pop_routing()
+            routing = context.routings[-1]
             loss = loss + 0.01 * routing.aux_loss
             if is_dare:
                 loss = loss + F.mse_loss(routing.difficulty.view(target.shape).float(), target)
-                module.gate.threshold_tracker.observe(routing.difficulty)
         loss.backward()
         if is_dare:
             module.gate.threshold_tracker.update()
@@ -162,12 +169,17 @@ def train_case(module: nn.Module, hidden_states: torch.Tensor, grad_output: torc
     return run
 
 
+def routing_of(block: MoEBlock, hidden_states: torch.Tensor) -> Routing:
+    """The routing `block` makes for `hidden_states` (B, L, H), without gradients."""
+    with torch.no_grad(), routing_context(RoutingContext()) as context:
+        block(hidden_states)
+    return context.routings[-1]
+
+
 def avg_k_of(block: MoEBlock, hidden_states: torch.Tensor, training: bool) -> float:
     block.train(training)
     torch.manual_seed(1)
-    with torch.no_grad():
-        block(hidden_states)
-    return block.pop_routing().expert_counts.float().mean().item()
+    return routing_of(block, hidden_states).expert_counts.float().mean().item()
 
 
 def run_implementation(args, modules, implementation: str, num_tokens: int, dtype) -> dict:
@@ -179,15 +191,12 @@ def run_implementation(args, modules, implementation: str, num_tokens: int, dtyp
     dare, fixed = modules["dare"], modules["fixed"]
     force_dare_avg_k(dare.gate, flat, args.avg_k)
     dare.eval()
-    with torch.no_grad():
-        dare(hidden_states)
-    fixed.gate.fixed_counts = dare.pop_routing().expert_counts.clone()
+    fixed.gate.fixed_counts = routing_of(dare, hidden_states).expert_counts.clone()
 
     with torch.no_grad():
         reference = modules["top2"](hidden_states)
         transformers_out = modules["transformers"](hidden_states)
     max_diff = (reference - transformers_out).abs().max().item()
-    modules["top2"].pop_routing()
 
     names = ("top2", "dare", "fixed", "dense", "dense_qwen", "transformers")
     avg_k = {

@@ -58,9 +58,10 @@ if TRANSFORMERS_BEFORE_5_6:
     register_checkpoint_conversion_mapping(
         MoELlavaConfig.model_type,
         [
+            # No escapes or lookarounds: transformers reverses these patterns as plain text when saving.
             WeightRenaming(
-                r"^model.vision_tower.(?=(?:embeddings|encoder|pre_layrnorm|post_layernorm|head)\.)",
-                "model.vision_tower.vision_model.",
+                r"^model.vision_tower.(embeddings|encoder|pre_layrnorm|post_layernorm|head).",
+                r"model.vision_tower.vision_model.\1.",
             )
         ],
         overwrite=True,
@@ -311,6 +312,13 @@ class MoEModelMixin:
                 updated[block.layer_idx] = state
         return updated
 
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        """transformers' inputs for a generation step, with the per-layer routing statistics (`expert_counts`,
+        `expert_load`) off unless `generate(..., output_routing_statistics=True)` asks for them."""
+        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        model_inputs.setdefault("output_routing_statistics", False)
+        return model_inputs
+
     def update_difficulty_thresholds(self) -> dict[int, list[float]]:
         """`update_routing_state` (every router's per-step update, DARE's thresholds and the others'), returning
         DARE's new thresholds by layer index. Call one of the two once per optimizer step."""
@@ -351,6 +359,8 @@ class MoEModelMixin:
         losses = {}
         if labels is not None:
             losses = self.routing_loss(logits, labels, predicted, aux_loss, router_loss=router_loss, **loss_kwargs)
+        # Off in generation unless asked for (`prepare_inputs_for_generation`): nobody reads them there.
+        statistics = loss_kwargs.get("output_routing_statistics", True)
         router_logits = None
         if loss_kwargs.get("output_router_logits", getattr(self.config, "output_router_logits", False)):
             router_logits = tuple(r.router_logits for r in routings)
@@ -364,10 +374,12 @@ class MoEModelMixin:
             router_logits=router_logits,
             ce_loss=losses.get("ce_loss"),
             difficulty_loss=losses.get("difficulty_loss"),
-            expert_counts=tuple(r.expert_counts.view(batch_size, seq_len) for r in routings),
+            expert_counts=tuple(r.expert_counts.view(batch_size, seq_len) for r in routings) if statistics else None,
             expert_load=tuple(
                 expert_load(r.expert_indices, self.config.num_experts, context.token_mask) for r in routings
-            ),
+            )
+            if statistics
+            else None,
             difficulty=difficulty or None,
             token_mask=context.token_mask,
             router_loss=router_loss,
@@ -492,10 +504,12 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        output_routing_statistics: bool = True,
         **kwargs,
     ) -> MoEOutputWithPast:
-        """Like any transformers causal LM; with `labels`, `loss` = CE + alpha * L_diff + beta * L_lb."""
-        loss_kwargs = pop_loss_kwargs(kwargs)
+        """Like any transformers causal LM; with `labels`, `loss` = CE + alpha * L_diff + beta * L_lb.
+        `output_routing_statistics=False` leaves out `expert_counts` / `expert_load` (generation does)."""
+        loss_kwargs = pop_loss_kwargs(kwargs) | {"output_routing_statistics": output_routing_statistics}
         seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         context = self.routing_context(attention_mask, seq_len, None, self.training or labels is not None)
         with routing_context(context):
@@ -579,11 +593,13 @@ class MoELlavaForConditionalGeneration(MoELlavaPreTrainedModel, LlavaForConditio
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        output_routing_statistics: bool = True,
         **kwargs,
     ) -> MoEOutputWithPast:
         """Like transformers' `LlavaForConditionalGeneration.forward`; with `labels`, `loss` = CE +
-        alpha * L_diff + beta * L_lb, and image-token positions should carry the label -100."""
-        loss_kwargs = pop_loss_kwargs(kwargs)
+        alpha * L_diff + beta * L_lb, and image-token positions should carry the label -100.
+        `output_routing_statistics=False` leaves out `expert_counts` / `expert_load` (generation does)."""
+        loss_kwargs = pop_loss_kwargs(kwargs) | {"output_routing_statistics": output_routing_statistics}
         if input_ids is not None:
             vision_mask = input_ids == self.config.image_token_id
         else:

@@ -32,6 +32,31 @@ def _add_list_option(parser: argparse.ArgumentParser, name: str, kind: type, wha
     parser.add_argument(name, nargs="+", type=_numbers(kind, what), action=_ExtendList, default=None, help=help)
 
 
+ROUTER_NAMES = ("top_k", "dare", "ltdr")
+
+
+def _layer(text: str) -> int | range:
+    """`5` -> 5; `2-26` -> range(2, 27) (inclusive bounds)."""
+    start, dash, stop = text.strip().partition("-")
+    if dash:
+        if int(stop) < int(start):
+            raise ValueError(text)
+        return range(int(start), int(stop) + 1)
+    return int(start)
+
+
+def _router(text: str) -> str | dict[int, str]:
+    """An argparse `type` for `--router`: a router name, or a router per MoE layer `0:top_k,2:dare`."""
+    if ":" not in text:
+        if text not in ROUTER_NAMES:
+            raise argparse.ArgumentTypeError(f"unknown router {text!r}; allowed: {', '.join(ROUTER_NAMES)}")
+        return text
+    try:
+        return {int(layer): name for layer, name in (part.split(":") for part in text.split(",") if part.strip())}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LAYER:ROUTER pairs like 0:top_k,2:dare, got {text!r}") from None
+
+
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument(
@@ -51,9 +76,36 @@ def add_upcycle_command(subparsers) -> None:
     parser.add_argument("src", help="dense checkpoint: local folder or Hub id")
     parser.add_argument("out", help="output folder")
     parser.add_argument("--experts", type=int, default=4, help="experts per MoE layer (default 4)")
-    parser.add_argument("--router", choices=("top_k", "dare", "ltdr"), default="dare")
+    parser.add_argument(
+        "--router",
+        type=_router,
+        default="dare",
+        help=f"router of the MoE layers: {', '.join(ROUTER_NAMES)} (default dare), or one per MoE layer: "
+        "0:top_k,2:dare,...",
+    )
+    _add_list_option(
+        parser,
+        "--router-layers",
+        _layer,
+        "layer indices or ranges",
+        "only these MoE layers use --router, the others --other-router: indices and inclusive ranges, e.g. 2-26 "
+        "(the MoE layers from 2 to 26) or 2 4 6 or 2,4,6",
+    )
+    parser.add_argument(
+        "--other-router",
+        choices=ROUTER_NAMES,
+        default="top_k",
+        help="router of the MoE layers outside --router-layers (default top_k)",
+    )
     _add_list_option(
         parser, "--moe-layers", int, "integers", "e.g. 0 2 4 or 0,2,4 (default: every other layer from 0)"
+    )
+    parser.add_argument(
+        "--difficulty-proxy",
+        choices=("nll", "random", "router_entropy"),
+        default="nll",
+        help="DARE's difficulty signal: the predictor of the next-token NLL (default), a fixed pseudo-random "
+        "signal, or the router's entropy (the DARE paper's Table 4 ablation)",
     )
     _add_list_option(
         parser, "--target-distribution", float, "numbers", "DARE's Pi, e.g. 0.6 0.3 0.09 0.01 or 0.6,0.3,0.09,0.01"
@@ -79,6 +131,9 @@ def _run_upcycle(args) -> str:
         overwrite=args.overwrite,
         allow_pickle=args.allow_pickle,
         max_shard_size=args.max_shard_size,
+        router_layers=args.router_layers,
+        other_router=args.other_router,
+        difficulty_proxy=args.difficulty_proxy,
     )
 
 
@@ -128,7 +183,9 @@ def add_import_moellava_command(subparsers) -> None:
         "import-moellava",
         help="original (DeepSpeed) MoE-LLaVA checkpoint -> hf-dare MoE-LLaVA with the top_k router",
         description="Import an original MoE-LLaVA checkpoint (StableLM, Qwen, Qwen1.5 decoders) so it runs "
-        "without DeepSpeed. Routing becomes deterministic top-k: no Gumbel noise, no capacity-based dropping.",
+        "without DeepSpeed. The top_k router keeps the original's DeepSpeed gating options for training (Gumbel-"
+        "sampled 2nd expert, capacity factors, top-1 balancing loss summed over layers); inference picks the 2nd "
+        "expert deterministically.",
     )
     parser.add_argument("src", help="original MoE-LLaVA checkpoint: local folder or Hub id")
     parser.add_argument("out", help="output folder")

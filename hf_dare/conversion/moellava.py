@@ -10,9 +10,11 @@ and the `mlp2x_gelu` projector `model.mm_projector[.image_spatial_proj].{0,2}.*`
 fields `mm_image_tower`, `mm_hidden_size`, `mm_vision_select_layer`, `mm_vision_select_feature`,
 `image_projector_type`, `image_aspect_ratio`.
 
-Imported models route deterministically: softmax over the experts, top-2 (the 2nd expert is the best of the
-rest), weights renormalised over the two. DeepSpeed's `top2gating` additionally adds Gumbel noise to the 2nd
-choice and drops tokens over the expert capacity while training; neither is reproduced.
+Imported models train as the original did (DeepSpeed's `top2gating`, the `top_k` router's options set from the
+original's `moe` dict): the 2nd expert sampled with Gumbel noise, slots over the expert capacity dropped
+(`capacity_factor` in training, `eval_capacity_factor` in evaluation, `min_capacity`), f_i of the balancing loss
+from the top-1 choices and the layers' balancing losses summed. Inference picks the 2nd expert
+deterministically (the best of the rest), where DeepSpeed samples it there too.
 """
 
 import re
@@ -57,9 +59,12 @@ UNSUPPORTED = {
     "moe_llava_minicpm": "MiniCPM scales embeddings and residuals, which the transformers decoders used here do not",
 }
 DETERMINISTIC_NOTE = (
-    "Imported checkpoints route deterministically: softmax over the experts, top-2 (2nd = best of the rest), "
-    "weights renormalised over the two, no token dropped. The original DeepSpeed `top2gating` adds Gumbel "
-    "noise to the 2nd expert choice and drops tokens over the expert capacity in training; neither is reproduced."
+    "Training continues as the original's DeepSpeed `top2gating` trains: the 2nd expert sampled with Gumbel "
+    "noise (`second_expert_sampling`), expert slots over the capacity dropped (`capacity_factor`, "
+    "`eval_capacity_factor`, `min_capacity`), f_i of the balancing loss from the top-1 choices "
+    "(`aux_loss_fraction: top1`) and the layers' balancing losses summed (`router_aux_loss_reduction: sum`). "
+    "At inference the 2nd expert is the best of the rest, deterministically (DeepSpeed samples it with Gumbel "
+    "noise at inference too); slots over `eval_capacity_factor`'s capacity are dropped as in the original."
 )
 # Config fields of the original that are LLaVA / MoE / precision settings, not decoder settings.
 NON_DECODER_FIELDS = re.compile(r"^(mm_|image_|video_|moe$|tune_|freeze_|use_mm|tokenizer_|bf16$|fp16$|fp32$)")
@@ -174,6 +179,20 @@ def moe_settings_from_original(original: dict) -> dict:
         num_experts_per_tok=moe.get("top_k_experts", 2),
         router="top_k",
         router_aux_loss_coef=moe.get("router_aux_loss_coef", 0.01),
+        **deepspeed_gating_settings(moe),
+    )
+
+
+def deepspeed_gating_settings(moe: dict) -> dict:
+    """The `top_k` router's options that make it train like the original's DeepSpeed gate (`moe` dict of its
+    config; DeepSpeed's `MoE` defaults where a value is missing: capacity factors 1.0, min_capacity 4)."""
+    return dict(
+        second_expert_sampling=True,
+        capacity_factor=float(moe.get("capacity_factor", 1.0)),
+        eval_capacity_factor=float(moe.get("eval_capacity_factor", 1.0)),
+        min_capacity=int(moe.get("min_capacity", 4)),
+        aux_loss_fraction="top1",
+        router_aux_loss_reduction="sum",
     )
 
 
@@ -317,8 +336,9 @@ def import_notes(original: dict, config: MoELlavaConfig, vision_config: PreTrain
     notes = [
         DETERMINISTIC_NOTE,
         f"Original MoE settings: capacity_factor={moe.get('capacity_factor')}, "
-        f"eval_capacity_factor={moe.get('eval_capacity_factor')}, min_capacity={moe.get('min_capacity')} "
-        "(capacities are not used here).",
+        f"eval_capacity_factor={moe.get('eval_capacity_factor')}, min_capacity={moe.get('min_capacity')}, "
+        f"router_aux_loss_coef={moe.get('router_aux_loss_coef')} (the same values in this config). Capacities "
+        "count the real tokens of a batch; DeepSpeed counts padding tokens too (identical without padding).",
     ]
     if config.vision_feature_select_strategy == "default" and not has_cls_token(vision_config):
         notes.append(
@@ -349,7 +369,8 @@ def import_moellava(
     (default: the config's `mm_image_tower`), which gives the vision config and image processor, and the
     tower's weights when `src` lacks them. `tokenizer`: where to load the tokenizer from (default `src`).
 
-    Routing is deterministic top-k without Gumbel noise or capacity-based token dropping (see module doc)."""
+    The `top_k` router trains as the original's DeepSpeed gate (Gumbel-sampled 2nd expert, capacities, top-1
+    balancing loss summed over layers) and picks the 2nd expert deterministically at inference (see module doc)."""
     out = check_output_folder(out, overwrite)
     src_dir = resolve_source(src)
     original = read_config_dict(src_dir)

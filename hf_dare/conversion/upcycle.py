@@ -111,13 +111,53 @@ def load_source_config(folder: Path) -> PreTrainedConfig:
         raise ConversionError(f"unsupported architecture in {folder}: {error}".split("\n")[0]) from error
 
 
+def layer_routers(
+    moe_layers: Sequence[int], router: str, router_layers: Sequence[int | range], other_router: str = "top_k"
+) -> dict[int, str]:
+    """{MoE layer: router}: `router` on the MoE layers in `router_layers`, `other_router` on the others.
+
+    `router_layers` holds layer indices, each an MoE layer, and ranges, each selecting the MoE layers within it
+    (`range(2, 27)`, the CLI's `2-26`: the DARE paper's layers 2-26 of an every-other-layer MoE model)."""
+    chosen = set()
+    for item in router_layers:
+        if isinstance(item, range):
+            inside = [i for i in moe_layers if i in item]
+            if not inside:
+                raise ConversionError(
+                    f"router_layers: {item.start}-{item.stop - 1} holds no MoE layer (moe_layers={list(moe_layers)})."
+                )
+            chosen.update(inside)
+        elif item not in moe_layers:
+            raise ConversionError(f"router_layers: layer {item} is not an MoE layer (moe_layers={list(moe_layers)}).")
+        else:
+            chosen.add(item)
+    return {i: router if i in chosen else other_router for i in moe_layers}
+
+
+def _router_arguments(config: MoEConfigBase) -> list:
+    """`--router` (and `--router-layers` / `--other-router` for a router per layer) of `config`."""
+    by_name: dict[str, list[int]] = {}
+    for layer_idx, name in config.routers.items():
+        by_name.setdefault(name, []).append(layer_idx)
+    if len(by_name) == 1:
+        return ["--router", next(iter(by_name))]
+    if len(by_name) == 2:
+        other = "top_k" if "top_k" in by_name else config.router_for(config.moe_layers[0])
+        (router, layers), *_ = [(name, layers) for name, layers in by_name.items() if name != other]
+        return ["--router", router, "--router-layers", ",".join(map(str, layers)), "--other-router", other]
+    # More than two routers: one per layer.
+    return ["--router", ",".join(f"{i}:{name}" for i, name in config.routers.items())]
+
+
 def upcycle_command(src: str | Path, out: Path, config: MoEConfigBase, seed: int) -> str:
     """The `hf-dare upcycle` command that gives `config` (recorded in its `training_stages`)."""
-    experts, router, top_k = config.num_experts, config.router, config.num_experts_per_tok
-    command = command_line("upcycle", src, out, "--experts", experts, "--router", router, "--top-k", top_k)
+    experts, top_k = config.num_experts, config.num_experts_per_tok
+    command = command_line("upcycle", src, out, "--experts", experts, *_router_arguments(config), "--top-k", top_k)
     command += f" --moe-layers {','.join(map(str, config.moe_layers))} --seed {seed}"
-    if config.router == "dare":
+    if config.uses_router("dare"):
         command += f" --target-distribution {','.join(map(str, config.target_distribution))}"
+        if config.difficulty_proxy != "nll":
+            command += f" --difficulty-proxy {config.difficulty_proxy}"
     return command
 
 
@@ -125,7 +165,7 @@ def upcycle(
     src: str | Path,
     out: str | Path,
     num_experts: int = 4,
-    router: str = "dare",
+    router: str | dict[int, str] = "dare",
     moe_layers: Sequence[int] | None = None,
     target_distribution: Sequence[float] | None = None,
     top_k: int = 2,
@@ -133,12 +173,16 @@ def upcycle(
     overwrite: bool = False,
     allow_pickle: bool = False,
     max_shard_size: int | str = "2GB",
+    router_layers: Sequence[int | range] | None = None,
+    other_router: str = "top_k",
     **moe_settings,
 ) -> Path:
     """Upcycle the dense checkpoint `src` (folder or Hub id; a causal LM, or a transformers LLaVA) into an
     MoE checkpoint in `out`: an `MoECausalLMConfig` / `MoELlavaConfig` checkpoint whose MoE layers' experts
     are copies of the dense FFN and whose routers are initialised from `seed`. Streams tensor by tensor.
 
+    `router`: one router for every MoE layer, or a dict {MoE layer: router}. With `router_layers` (MoE layer
+    indices and ranges, see `layer_routers`) only those MoE layers use `router`, the others `other_router`.
     Extra keyword arguments are further MoE config fields (e.g. `initial_thresholds`). Returns `out`."""
     out = check_output_folder(out, overwrite)
     src_dir = resolve_source(src)
@@ -152,6 +196,11 @@ def upcycle(
     )
     if target_distribution is not None:
         settings["target_distribution"] = list(target_distribution)
+    if router_layers is not None:
+        if not isinstance(router, str):
+            raise ConversionError("router_layers needs `router` to be one router name, not a dict.")
+        layout = moe_config_for(source_config, num_experts=num_experts, moe_layers=settings["moe_layers"])
+        settings["router"] = layer_routers(layout.moe_layers, router, router_layers, other_router)
     config = moe_config_for(source_config, **settings)
     is_llava = isinstance(config, MoELlavaConfig)
     reader = CheckpointReader(src_dir, allow_pickle, rename_by_rules(LLAVA_RENAMES if is_llava else DROPPED_KEYS))
@@ -174,7 +223,13 @@ def upcycle(
             config,
             made_from=str(src),
             how=f"sparse upcycling: each MoE layer's {num_experts} experts are copies of the dense FFN, "
-            f"the `{router}` router is newly initialised (seed {seed}); every other tensor is copied unchanged",
-            notes=["Until the routers are trained, the model computes exactly what the dense model did."],
+            f"the routers ({config.router_description}) are newly initialised (seed {seed}); every other tensor is "
+            "copied unchanged",
+            notes=[
+                "Until the routers are trained, the model computes exactly what the dense model did."
+                if config.norm_topk_prob
+                else "norm_topk_prob=False: the experts' weights are their router probabilities, which do not sum "
+                "to 1, so the model does not compute what the dense model did."
+            ],
         )
     return out

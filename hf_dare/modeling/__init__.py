@@ -10,12 +10,24 @@ from .modeling_moe_llava import (
     MoEOutputWithPast,
     MoEPreTrainedModel,
 )
-from .routing import DareRouter, DifficultyPredictor, LtdrRouter, Routing, ThresholdTracker, TopKRouter
+from .routing import (
+    DareRouter,
+    DifficultyPredictor,
+    DynMoERouter,
+    LtdrRouter,
+    MoEPlusPlusRouter,
+    ReMoERouter,
+    Routing,
+    ThresholdTracker,
+    TopKRouter,
+    TopPRouter,
+)
 from .statistics import avg_k, avg_k_per_layer, avg_k_sums, expert_load, load_cv, routing_statistics
 
 __all__ = [
     "DareRouter",
     "DifficultyPredictor",
+    "DynMoERouter",
     "LtdrRouter",
     "MoEBlock",
     "MoECausalLMConfig",
@@ -26,10 +38,13 @@ __all__ = [
     "MoELlavaForConditionalGeneration",
     "MoELlavaModel",
     "MoEOutputWithPast",
+    "MoEPlusPlusRouter",
     "MoEPreTrainedModel",
+    "ReMoERouter",
     "Routing",
     "ThresholdTracker",
     "TopKRouter",
+    "TopPRouter",
     "avg_k",
     "avg_k_per_layer",
     "avg_k_sums",

@@ -1,0 +1,140 @@
+"""Router options through the conversions: `hf-dare upcycle` with a router per MoE layer (DARE on some layers,
+Top-2 on the others) and DARE's difficulty proxies; `hf-dare import-moellava` keeping the original's DeepSpeed
+gating settings for training."""
+
+import json
+import shlex
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+from hf_dare.cli import main
+from hf_dare.conversion import ConversionError, import_moellava, upcycle
+from hf_dare.flops import activated_parameters
+from hf_dare.training.callbacks import set_threshold_update_mode
+from tests import tiny_models
+
+from .test_import_moellava import original_checkpoint
+
+
+def tensor_names(folder) -> set[str]:
+    names = set()
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            names |= set(f.keys())
+    return names
+
+
+def logits_of(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def test_mixed_upcycle_computes_the_dense_model_and_reports_avg_k_per_layer(dense_dirs, tmp_path, capsys):
+    src, out = dense_dirs["qwen2"], tmp_path / "mixed"
+    status = main(
+        ["upcycle", str(src), str(out), "--experts", "4", "--router", "dare", "--router-layers", "1-2",
+         "--moe-layers", "0", "1", "2", "3", "--seed", "2", "--max-shard-size", "30KB"]
+    )  # fmt: skip
+    assert status == 0, capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    assert config["router"] == {"0": "top_k", "1": "dare", "2": "dare", "3": "top_k"}
+    names = tensor_names(out)
+    for layer_idx in range(4):
+        gate = f"model.layers.{layer_idx}.mlp.gate."
+        dare = layer_idx in (1, 2)
+        assert (gate + "threshold_tracker.thresholds" in names) == dare
+        assert (gate + "difficulty_predictor.up.weight" in names) == dare
+    card = (out / "README.md").read_text()
+    assert "`top_k` on layers 0, 3; `dare` on layers 1, 2" in card
+
+    dense = AutoModelForCausalLM.from_pretrained(src).eval()
+    moe = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    batch = tiny_models.random_batch(moe.config, batch_size=4, seq_len=16)
+    torch.testing.assert_close(logits_of(moe, batch), logits_of(dense, batch), atol=1e-5, rtol=0)
+
+    # Thresholds at the quantiles of Pi: DARE layers now route 1..4 experts, still computing the dense model.
+    set_threshold_update_mode(moe, per_batch=True)
+    moe.train()
+    with torch.no_grad():
+        moe(**batch)
+    moe.update_difficulty_thresholds()
+    moe.eval()
+    torch.testing.assert_close(logits_of(moe, batch), logits_of(dense, batch), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        outputs = moe(**batch)
+    avg_k = dict(zip(moe.config.moe_layers, activated_parameters(moe, outputs)["avg_k_per_layer"], strict=True))
+    assert avg_k[0] == avg_k[3] == 2.0
+    for layer_idx in (1, 2):
+        assert 1.0 < avg_k[layer_idx] < 2.0
+        assert len(outputs.expert_counts[layer_idx].unique()) > 1
+
+    # The command the checkpoint records makes the same routers.
+    command = shlex.split(json.loads((out / "config.json").read_text())["training_stages"][-1]["description"])
+    assert "--router-layers" in command and command[0] == "hf-dare"
+    again = tmp_path / "again"
+    assert main([*command[1:3], str(again), *command[4:]]) == 0
+    assert json.loads((again / "config.json").read_text())["router"] == config["router"]
+
+
+def test_router_per_layer_map_and_difficulty_proxy_from_the_cli(dense_dirs, tmp_path):
+    out = tmp_path / "map"
+    status = main(
+        ["upcycle", str(dense_dirs["stablelm"]), str(out), "--router", "0:dare,1:ltdr,2:top_k,3:dare",
+         "--moe-layers", "0,1,2,3", "--difficulty-proxy", "router_entropy"]
+    )  # fmt: skip
+    assert status == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["router"] == {"0": "dare", "1": "ltdr", "2": "top_k", "3": "dare"}
+    assert config["difficulty_proxy"] == "router_entropy"
+    names = tensor_names(out)
+    assert "model.layers.0.mlp.gate.threshold_tracker.thresholds" in names
+    assert not any("difficulty_predictor" in name for name in names)  # the entropy needs no predictor
+    assert "--router 0:dare,1:ltdr,2:top_k,3:dare" in config["training_stages"][-1]["description"]
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    with torch.no_grad():
+        outputs = model(**tiny_models.random_batch(model.config))
+    assert len(outputs.difficulty) == 2 and outputs.difficulty_loss is None
+
+
+def test_router_layers_refusals(dense_dirs, tmp_path, capsys):
+    src = str(dense_dirs["qwen2"])
+    assert main(["upcycle", src, str(tmp_path / "a"), "--router-layers", "1"]) == 1  # MoE layers: 0, 2
+    assert "router_layers: layer 1 is not an MoE layer (moe_layers=[0, 2])" in capsys.readouterr().err
+    assert main(["upcycle", src, str(tmp_path / "b"), "--router-layers", "5-9"]) == 1
+    assert "router_layers: 5-9 holds no MoE layer" in capsys.readouterr().err
+    assert main(["upcycle", src, str(tmp_path / "c"), "--router", "0:dare"]) == 1
+    assert "MoECausalLMConfig.router: no router for MoE layers [2]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["upcycle", src, str(tmp_path / "d"), "--router", "switch"])
+    with pytest.raises(ConversionError, match="router_layers needs `router` to be one router name"):
+        upcycle(src, tmp_path / "e", router={0: "dare", 2: "top_k"}, router_layers=[0])
+    assert not any((tmp_path / name).exists() for name in "abcde")
+
+
+def test_imported_moellava_keeps_the_deepspeed_gating_settings(tmp_path):
+    src, *_ = original_checkpoint(tmp_path, "stablelm", store_vision=True)
+    original = json.loads((src / "config.json").read_text())
+    moe = {**original["moe"], "capacity_factor": 1.25, "eval_capacity_factor": 2.5, "min_capacity": 3}
+    (src / "config.json").write_text(json.dumps({**original, "moe": moe}))
+    out = import_moellava(src, tmp_path / "imported")
+    config = json.loads((out / "config.json").read_text())
+    expected = {
+        "router": "top_k",
+        "second_expert_sampling": True,
+        "capacity_factor": 1.25,
+        "eval_capacity_factor": 2.5,
+        "min_capacity": 3,
+        "aux_loss_fraction": "top1",
+        "router_aux_loss_reduction": "sum",
+        "norm_topk_prob": True,
+    }
+    assert {key: config[key] for key in expected} == expected
+    card = (out / "README.md").read_text()
+    for key, value in expected.items():
+        assert f"| `{key}` | {value} |" in card
+    model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True)
+    gate = model.model.language_model.layers[2].mlp.gate
+    assert gate.second_expert_sampling and (gate.capacity_factor, gate.eval_capacity_factor) == (1.25, 2.5)

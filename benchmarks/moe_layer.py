@@ -1,13 +1,16 @@
 """One MoE layer timed side by side: our block with Top-2, with DARE at Avg K ~1.2, the same DARE routing
 without the predictor, a dense FFN of the same size, and transformers' Qwen3-MoE sparse block (same weights,
-top-2), for each experts implementation (`eager`, `batched_mm`, `grouped_mm`).
+top-2), for each experts implementation (`eager`, `batched_mm`, `grouped_mm`); then the DARE paper's baseline
+routers (Top-p, ReMoE, DynMoE, MoE++: same experts, fresh routers, whatever Avg K they give on random inputs),
+each against the ideal Avg K x dense FFN (`--no-baselines` leaves them out).
 
     python benchmarks/moe_layer.py            # hidden 1024, intermediate 2816, 4 experts, 4096 tokens
     python benchmarks/moe_layer.py --quick    # 512 tokens, 2 repeats: a smoke run
 
 "fwd" is an inference forward (no grad). "train" is forward + backward of the layer with gradients for the
 input and every weight; for DARE it is the whole DARE training step of the layer: the difficulty loss, the
-threshold tracker's `observe` and `update` (then the thresholds are put back so Avg K stays fixed).
+threshold tracker's `observe` and `update` (then the thresholds are put back so Avg K stays fixed); for the
+baselines it adds their router loss, and for ReMoE lambda's `observe` and update (lambda put back likewise).
 `batched_mm` gathers one weight matrix per (token, expert) slot, so it runs on `--batched-mm-tokens` tokens.
 """
 
@@ -34,6 +37,8 @@ from hf_dare.modeling.routing import (
 )
 
 IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
+BASELINES = {"top_p": "ours, Top-p (p=0.9999)", "remoe": "ours, ReMoE", "dynmoe": "ours, DynMoE",
+             "moepp": "ours, MoE++ (4 FFN + 4 zero-comp.)"}  # fmt: skip
 
 
 class FixedCountsRouter(TopKRouter):
@@ -123,11 +128,17 @@ def build_modules(args, dtype) -> dict[str, nn.Module]:
         "dense_qwen": dense_qwen,
         "transformers": transformers_block,
     }
+    if args.baselines:
+        for router in BASELINES:
+            block = MoEBlock(MoECausalLMConfig(router=router, **common), 0)
+            block.experts.load_state_dict(top2.experts.state_dict())
+            block.gate.init_router_weights(0.02)
+            modules[router] = block
     return {name: module.to(dtype) for name, module in modules.items()}
 
 
 def set_implementation(modules: dict[str, nn.Module], implementation: str) -> None:
-    for name in ("top2", "dare", "fixed"):
+    for name in ("top2", "dare", "fixed", *(name for name in BASELINES if name in modules)):
         modules[name].experts.config._experts_implementation = implementation
     modules["transformers"].experts.config._experts_implementation = implementation
 
@@ -141,19 +152,22 @@ def forward_case(module: nn.Module, hidden_states: torch.Tensor):
 
 
 def train_case(module: nn.Module, hidden_states: torch.Tensor, grad_output: torch.Tensor):
-    """Forward + backward; for a DARE block also its difficulty loss and threshold bookkeeping."""
+    """Forward + backward; for a DARE block also its difficulty loss and threshold bookkeeping, for the baselines
+    their router loss (and ReMoE's lambda bookkeeping)."""
     inputs = hidden_states.detach().requires_grad_(True)
     params = list(module.parameters())
     is_block = isinstance(module, MoEBlock)
     is_dare = is_block and hasattr(module.gate, "threshold_tracker")
+    is_remoe = is_block and hasattr(module.gate, "l1_coef")
     target = torch.rand(hidden_states.shape[:-1]) * 4 if is_dare else None
     saved = module.gate.threshold_tracker.thresholds.clone() if is_dare else None
+    saved_lambda = module.gate.l1_coef.clone() if is_remoe else None
 
     def run():
         for param in params:
             param.grad = None
         inputs.grad = None
-        with routing_context(RoutingContext(with_aux_loss=is_block, observe=is_dare)) as context:
+        with routing_context(RoutingContext(with_aux_loss=is_block, observe=is_dare or is_remoe)) as context:
             out = module(inputs)
         loss = (out * grad_output).sum()
         if is_block:
@@ -161,10 +175,15 @@ def train_case(module: nn.Module, hidden_states: torch.Tensor, grad_output: torc
             loss = loss + 0.01 * routing.aux_loss
             if is_dare:
                 loss = loss + F.mse_loss(routing.difficulty.view(target.shape).float(), target)
+            if routing.router_loss is not None:
+                loss = loss + routing.router_loss
         loss.backward()
         if is_dare:
             module.gate.threshold_tracker.update()
             module.gate.threshold_tracker.thresholds.copy_(saved)
+        if is_remoe:
+            module.gate.update_routing_state()
+            module.gate.l1_coef.copy_(saved_lambda)
 
     return run
 
@@ -198,7 +217,8 @@ def run_implementation(args, modules, implementation: str, num_tokens: int, dtyp
         transformers_out = modules["transformers"](hidden_states)
     max_diff = (reference - transformers_out).abs().max().item()
 
-    names = ("top2", "dare", "fixed", "dense", "dense_qwen", "transformers")
+    baselines = tuple(name for name in BASELINES if name in modules)
+    names = ("top2", "dare", "fixed", "dense", "dense_qwen", "transformers", *baselines)
     avg_k = {
         "top2": 2.0,
         "dense": 1.0,
@@ -206,6 +226,9 @@ def run_implementation(args, modules, implementation: str, num_tokens: int, dtyp
         "transformers": 2.0,
         "fixed": fixed.gate.fixed_counts.float().mean().item(),
     }
+    for name in baselines:
+        modules[name].eval()
+        avg_k[name] = routing_of(modules[name], hidden_states).expert_counts.float().mean().item()
     avg_k_eval = avg_k_of(dare, hidden_states, training=False)
     avg_k_train = avg_k_of(dare, hidden_states, training=True)
     for module in modules.values():
@@ -266,6 +289,20 @@ def print_results(implementation: str, result: dict) -> None:
         train_ratio = f"{ratio(train):6.3f}" if train else f"{'-':>6}"
         print(f"| {label:<34} | {ratio(forward):6.3f} | {train_ratio} | {target} |")
 
+    baselines = [name for name in BASELINES if name in forward]
+    if not baselines:
+        return
+    print(f"\n| {'baseline router':<34} | {'Avg K':>5} | {'fwd ms':>9} | {'train ms':>9} | {'fwd / (K*dense)':>15} "
+          f"| {'train / (K*dense)':>17} | target |")  # fmt: skip
+    print(f"|{'-' * 36}|{'-' * 7}|{'-' * 11}|{'-' * 11}|{'-' * 17}|{'-' * 19}|--------|")
+    for name in baselines:
+        k = avg_k[name]
+        ideal_fwd, ideal_train = k * forward["dense"], k * train["dense"] if train else None
+        train_ms = f"{train[name] * 1e3:9.1f}" if train else f"{'-':>9}"
+        train_ratio = f"{train[name] / ideal_train:17.3f}" if train else f"{'-':>17}"
+        print(f"| {BASELINES[name]:<34} | {k:5.3f} | {forward[name] * 1e3:9.1f} | {train_ms} "
+              f"| {forward[name] / ideal_fwd:15.3f} | {train_ratio} | <= 1.25 |")  # fmt: skip
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -281,6 +318,9 @@ def main() -> None:
     parser.add_argument("--impl", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-backward", action="store_true", help="time the forward only")
+    parser.add_argument(
+        "--no-baselines", dest="baselines", action="store_false", help="leave out Top-p, ReMoE, DynMoE and MoE++"
+    )
     parser.add_argument("--quick", action="store_true", help="512 tokens, 2 repeats")
     args = parser.parse_args()
     keep_freed_memory()

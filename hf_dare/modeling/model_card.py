@@ -32,6 +32,23 @@ ROUTER_SETTINGS = {
     ],
     "dare": ["max_experts", "target_distribution", "threshold_momentum", "difficulty_loss_coef", "difficulty_proxy"],
     "ltdr": ["num_experts_per_tok", "tail_top_a"],
+    "top_p": ["top_p_threshold", "top_p_dynamic_loss_coef"],
+    "remoe": [
+        "num_experts_per_tok",
+        "remoe_initial_l1_coef",
+        "remoe_l1_coef_multiplier",
+        "remoe_target_sparsity",
+        "remoe_load_balancing",
+    ],
+    "dynmoe": ["dynmoe_diversity_coef", "dynmoe_simplicity_coef", "dynmoe_efficiency_coef"],
+    "moepp": [
+        "num_experts_per_tok",
+        "moepp_zero_experts",
+        "moepp_copy_experts",
+        "moepp_constant_experts",
+        "moepp_gating_residual",
+        "moepp_tau",
+    ],
 }
 STATISTICS = ("avg_k", "avg_k_text", "avg_k_vision", "avg_k_per_layer", "load_cv")
 

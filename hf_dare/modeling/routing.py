@@ -61,7 +61,8 @@ class RoutingContext:
 
     - `token_mask` (B, L): real (non-padding) tokens; `vision_mask` (B, L): image tokens; None: all / none.
     - `with_aux_loss`: the blocks compute their load-balancing loss (training, or labels given).
-    - `observe`: DARE's routers keep their predictions for the next threshold update (training).
+    - `observe`: DARE's routers keep their predictions for the next threshold update, ReMoE's their gate counts
+      for the next L1-coefficient update (training).
     - `routings`: filled by the blocks, in the order they ran; `record=False` (a gradient-checkpointing
       recomputation of a forward already recorded) leaves it alone.
     - `previous_router_logits` (T, E'): MoE++'s gating residual, the router logits of the MoE++ layer that ran
@@ -612,14 +613,18 @@ class ReMoERouter(TopKRouter):
         self.l1_coef = self.l1_coef.float()
         return self
 
+    def router_probs(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, H) -> router logits W h and ReLU gates G, (T, E) float32."""
+        router_logits = F.linear(hidden_states.float(), self.weight.float())
+        return router_logits, F.relu(router_logits)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
         token_mask: torch.Tensor | None = None,
         vision_mask: torch.Tensor | None = None,
     ) -> Routing:
-        router_logits = F.linear(hidden_states.float(), self.weight.float())
-        gates = F.relu(router_logits)
+        router_logits, gates = self.router_probs(hidden_states)
         active = gates > 0
         top_gates, top_indices = torch.topk(gates, self.num_experts, dim=-1)
         unused = top_gates <= 0

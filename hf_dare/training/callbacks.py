@@ -36,17 +36,20 @@ def set_threshold_update_mode(model: nn.Module, per_batch: bool) -> None:
 
 
 class DareCallback(TrainerCallback):
-    """Calls `model.update_difficulty_thresholds()` at the end of every optimizer step, i.e. after all
-    micro-batches of a gradient-accumulation step, on every rank (the update gathers the predicted
-    difficulties of all ranks, so thresholds stay identical).
+    """Calls `model.update_routing_state()` at the end of every optimizer step, i.e. after all micro-batches of a
+    gradient-accumulation step, on every rank: DARE's thresholds and ReMoE's L1 coefficient move (each update
+    gathers what all ranks observed, so they stay identical). A model without `update_routing_state` (code saved
+    before it) gets `update_difficulty_thresholds()`.
 
     `per_batch=True` / `False` overrides the trackers' `threshold_update` mode for this run (`None` keeps the
-    config's). The last update is kept in `last_thresholds` ({layer_idx: thresholds}).
+    config's). The last update is kept in `last_state` ({layer_idx: {"thresholds": ...} or {"l1_coef": ...,
+    "sparsity": ...}}) and DARE's part in `last_thresholds` ({layer_idx: thresholds}).
     """
 
     def __init__(self, per_batch: bool | None = None):
         self.per_batch = per_batch
         self.last_thresholds: dict[int, list[float]] = {}
+        self.last_state: dict[int, dict] = {}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None and self.per_batch is not None:
@@ -54,7 +57,10 @@ class DareCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         model = unwrap_model(model) if model is not None else None
-        if model is not None and hasattr(model, "update_difficulty_thresholds"):
+        if model is not None and hasattr(model, "update_routing_state"):
+            self.last_state = model.update_routing_state()
+            self.last_thresholds = {i: s["thresholds"] for i, s in self.last_state.items() if "thresholds" in s}
+        elif model is not None and hasattr(model, "update_difficulty_thresholds"):
             self.last_thresholds = model.update_difficulty_thresholds()
 
 

@@ -7,18 +7,20 @@ from torch import nn
 from hf_dare.modeling import MoEBlock, avg_k, avg_k_per_layer, avg_k_sums, load_cv
 
 # Logged name -> output field of the routing losses.
-ROUTING_LOSSES = {"difficulty": "difficulty_loss", "aux": "aux_loss"}
+ROUTING_LOSSES = {"difficulty": "difficulty_loss", "aux": "aux_loss", "router": "router_loss"}
 
 
 class RoutingMetrics:
     """Running sums over the forwards since the last `compute()`, kept on the device (no host sync per step)
     and summed across ranks in `compute()` (every rank must call it together).
 
-    Keys of `compute()`: `loss/ce`, `loss/difficulty`, `loss/aux` (weighted by each forward's text tokens, as
-    the model's loss weights them under the Trainer; plain means over forwards that had no text token);
+    Keys of `compute()`: `loss/ce`, `loss/difficulty`, `loss/aux`, `loss/router` (the baseline routers' own
+    weighted terms), each weighted by each forward's text tokens (as the model's loss weights them under the
+    Trainer; plain means over forwards that had no text token);
     `routing/avg_k`, `routing/avg_k_layer_{i}`, `routing/avg_k_text`, `routing/avg_k_vision`,
     `routing/avg_k_{text|vision}_layer_{i}`,
-    `routing/frac_{n}_experts` (share of tokens using n experts, n = 1..width, all layers),
+    `routing/frac_{n}_experts` (share of tokens using n experts, n = 0..width, all layers: 0 only for routers
+    that can leave a token without FFN expert, ReMoE and MoE++, and `top_k` dropping slots over capacity),
     `routing/load_cv_layer_{i}` (coefficient of variation of the mean `expert_load`: 0 = balanced).
     """
 
@@ -122,7 +124,7 @@ class RoutingMetrics:
             return metrics
         metrics.update(self._avg_k_metrics(sums["k_sum"], sums["k_tokens"]))
         hist = sums["k_hist"].sum(0)
-        for n in range(1, self.width + 1):
+        for n in range(self.width + 1):
             metrics[f"routing/frac_{n}_experts"] = (hist[n] / hist.sum().clamp(min=1)).item()
         cv = load_cv(sums["load"] / sums["load_forwards"].clamp(min=1)).tolist()
         metrics.update({f"routing/load_cv_layer_{i}": value for i, value in zip(self.layer_indices, cv, strict=True)})
@@ -155,11 +157,14 @@ def values_by_layer(metrics: dict[str, float], prefix: str) -> dict[int, float]:
 
 
 def threshold_metrics(model: nn.Module) -> dict[str, float]:
-    """`routing/threshold_layer_{i}_{j}`: tau_j (j = 1..M-1) of every DARE layer."""
+    """The routers' per-step state: `routing/threshold_layer_{i}_{j}`, tau_j (j = 1..M-1) of every DARE layer, and
+    `routing/l1_coef_layer_{i}`, lambda of every ReMoE layer."""
     metrics = {}
     for module in model.modules():
         # hasattr, not isinstance(DareRouter): PEFT's modules_to_save wraps the router and forwards attributes.
         if isinstance(module, MoEBlock) and hasattr(module.gate, "threshold_tracker"):
             for j, tau in enumerate(module.gate.threshold_tracker.thresholds.tolist(), start=1):
                 metrics[f"routing/threshold_layer_{module.layer_idx}_{j}"] = tau
+        if isinstance(module, MoEBlock) and hasattr(module.gate, "l1_coef"):
+            metrics[f"routing/l1_coef_layer_{module.layer_idx}"] = module.gate.l1_coef.item()
     return metrics

@@ -13,6 +13,7 @@ NON_PREDICTION_OUTPUT_KEYS = [
     "ce_loss",
     "difficulty_loss",
     "aux_loss",
+    "router_loss",
     "expert_counts",
     "expert_load",
     "difficulty",

@@ -49,11 +49,20 @@ def _split_prompt_and_answer(sample: dict) -> tuple[list[dict], str]:
 
 def prompt_batch(processor, samples: list[dict], device: torch.device | str = "cpu") -> dict:
     """Each sample's conversation up to its last question, with the generation prompt, left-padded."""
-    prompts, images = [], []
+    conversations, images = [], []
     for sample in samples:
-        messages, _ = _split_prompt_and_answer(sample)
-        prompts.append(processor.apply_chat_template(messages, add_generation_prompt=True))
+        conversations.append(_split_prompt_and_answer(sample)[0])
         images += [load_image(path) for path in sample["images"]]
+    return messages_batch(processor, conversations, images, device)
+
+
+def messages_batch(
+    processor, conversations: list[list[dict]], images: list, device: torch.device | str = "cpu"
+) -> dict:
+    """Chat `conversations` (`{"type": "image"}` parts for the `images`, in order) rendered with the processor's
+    chat template and the generation prompt, left-padded: what `evaluate_vqa` (and the lmms-eval model in
+    `hf_dare.integrations.lmms_eval`) generate from."""
+    prompts = [processor.apply_chat_template(messages, add_generation_prompt=True) for messages in conversations]
     tokenizer = processor.tokenizer
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
@@ -69,7 +78,12 @@ def prompt_batch(processor, samples: list[dict], device: torch.device | str = "c
 @torch.no_grad()
 def generate_answers(model, processor, samples: list[dict], max_new_tokens: int = 4) -> list[str]:
     """Greedy answers to each sample's last question."""
-    inputs = prompt_batch(processor, samples, model.device)
+    return generate_from_inputs(model, processor, prompt_batch(processor, samples, model.device), max_new_tokens)
+
+
+@torch.no_grad()
+def generate_from_inputs(model, processor, inputs: dict, max_new_tokens: int = 4) -> list[str]:
+    """Greedy continuations of a left-padded batch from `prompt_batch` / `messages_batch`, decoded."""
     pad_token_id = processor.tokenizer.pad_token_id
     generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id)
     return processor.tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -146,4 +160,13 @@ def generation_throughput(model, processor, dataset: Dataset, batch_size: int = 
     return len(samples) * new_tokens / (time.perf_counter() - start)
 
 
-__all__ = ["VQA_ACCURACY", "VqaEvaluation", "evaluate_vqa", "generate_answers", "generation_throughput"]
+__all__ = [
+    "VQA_ACCURACY",
+    "VqaEvaluation",
+    "evaluate_vqa",
+    "generate_answers",
+    "generate_from_inputs",
+    "generation_throughput",
+    "messages_batch",
+    "prompt_batch",
+]

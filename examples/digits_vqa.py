@@ -86,10 +86,11 @@ STAGES = (
 )
 
 
-def build_starting_point(out: Path, seed: int) -> Path:
-    """A dense LLaVA from a tiny decoder and a tiny CLIP vision tower, both randomly initialised."""
+def build_starting_point(out: Path, seed: int, tokenizer=None) -> Path:
+    """A dense LLaVA from a tiny decoder and a tiny CLIP vision tower, both randomly initialised; `tokenizer`:
+    the task's word-level tokenizer (default: the digits task's)."""
     torch.manual_seed(seed)
-    tokenizer = word_level_tokenizer()
+    tokenizer = tokenizer if tokenizer is not None else word_level_tokenizer()
     # Qwen3 layout: transformers 5 re-reads a tokenizer saved beside a `qwen2` config as Qwen2's own BPE
     # tokenizer (its AutoTokenizer forces the class for that model type), which breaks our word-level one.
     text_config = Qwen3Config(

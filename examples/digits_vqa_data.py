@@ -43,9 +43,10 @@ def vocabulary() -> list[str]:
     return SPECIAL_TOKENS + sorted(words)
 
 
-def word_level_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over `vocabulary()`, with `<image>` and a ChatML-style chat template."""
-    vocab = {word: i for i, word in enumerate(vocabulary())}
+def word_level_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over `words` (special tokens first; default `vocabulary()`), with `<image>` and a
+    ChatML-style chat template."""
+    vocab = {word: i for i, word in enumerate(vocabulary() if words is None else words)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(

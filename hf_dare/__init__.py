@@ -8,6 +8,7 @@ own code and load with `trust_remote_code=True` where hf_dare is not installed.
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
+from .calibration import calibrate
 from .legacy import register_legacy_model_types
 from .modeling import (
     DareRouter,
@@ -59,5 +60,6 @@ __all__ = [
     "Routing",
     "ThresholdTracker",
     "TopKRouter",
+    "calibrate",
     "routing_statistics",
 ]

@@ -1,4 +1,5 @@
-"""The `hf-dare` command: `hf-dare upcycle`, `hf-dare build`, `hf-dare import-moellava`, `hf-dare report`.
+"""The `hf-dare` command: `hf-dare upcycle`, `hf-dare build`, `hf-dare import-moellava`, `hf-dare report`,
+`hf-dare calibrate`.
 
 Each subcommand is a thin wrapper over a function of `hf_dare.conversion`; new subcommands register
 themselves in `build_parser` through a `add_<name>_command(subparsers)` function.
@@ -238,6 +239,55 @@ def _run_report(args) -> str:
     return out
 
 
+def add_calibrate_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "calibrate",
+        help="dial a trained MoE model's compute (Avg K) on calibration data, without training",
+        description="Set the routing of a trained MoE checkpoint so that it uses --avg-k experts per token on "
+        "average (or the shares --target-distribution of tokens using 1..M experts) on DATA, and write it to OUT "
+        "(with the tokenizer / processor files). DARE: each layer's thresholds become quantiles of its own "
+        "predictions; Top-p: p by bisection (--avg-k only); Top-K: k (an integer --avg-k). LTDR, ReMoE, DynMoE and "
+        "MoE++ have no dial. DATA: LLaVA-format JSON / JSONL (with --images) for an MoE-LLaVA, a text file (one "
+        "sample per line) or JSON lines with a 'text' field for a causal LM.",
+    )
+    parser.add_argument("model_dir", help="trained hf-dare MoE checkpoint (with its tokenizer or processor)")
+    parser.add_argument("data", help="calibration data (see above)")
+    parser.add_argument("out", help="output folder")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--avg-k", type=float, default=None, help="experts per token on average, in 1..M")
+    _add_list_option(
+        target,
+        "--target-distribution",
+        float,
+        "numbers",
+        "shares of tokens using 1..M experts (DARE), e.g. 0.6 0.3 0.09 0.01 or 0.6,0.3,0.09,0.01 (space-separated: "
+        "after OUT)",
+    )
+    parser.add_argument("--images", default=None, help="image folder the LLaVA JSON's paths are relative to")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-samples", type=int, default=None, help="use the first N samples (default: all)")
+    parser.add_argument("--max-length", type=int, default=512, help="tokens per text sample (causal LM)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.set_defaults(run=_run_calibrate)
+
+
+def _run_calibrate(args) -> str:
+    from .calibration import calibrate_checkpoint
+
+    return calibrate_checkpoint(
+        args.model_dir,
+        args.data,
+        args.out,
+        avg_k=args.avg_k,
+        target_distribution=args.target_distribution,
+        images=args.images,
+        batch_size=args.batch_size,
+        max_samples=args.max_samples,
+        max_length=args.max_length,
+        overwrite=args.overwrite,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-dare", description="hf-dare: sparse MoE vision-language models.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -245,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_build_command(subparsers)
     add_import_moellava_command(subparsers)
     add_report_command(subparsers)
+    add_calibrate_command(subparsers)
     return parser
 
 

@@ -86,11 +86,28 @@ def flops_per_token(
     `matmul_flops`, `attention_flops`, `lm_head_flops`, `context` and the `activated_parameters` dict.
     """
     params = activated_parameters(model, outputs, modality)
-    text_config = model.config.get_text_config()
     lengths = outputs.token_mask.sum(-1).float() if outputs.token_mask is not None else None
     if lengths is None:
         lengths = torch.full((outputs.expert_counts[0].shape[0],), float(outputs.expert_counts[0].shape[1]))
     context = ((lengths + 1) / 2).mean().item()
+    return _flops(model, params, context, include_attention, include_lm_head)
+
+
+def flops_per_token_at(
+    model: nn.Module,
+    avg_k_per_layer: list[float],
+    context: float,
+    include_attention: bool = True,
+    include_lm_head: bool = False,
+) -> dict:
+    """`flops_per_token` when the MoE layers use `avg_k_per_layer` experts per token (one value per MoE layer,
+    e.g. measured over a whole evaluation set) and the attention sees `context` positions on average (for
+    sequences of L real tokens, the mean of (L + 1) / 2). Same keys as `flops_per_token`."""
+    return _flops(model, activated_parameters_at(model, avg_k_per_layer), context, include_attention, include_lm_head)
+
+
+def _flops(model: nn.Module, params: dict, context: float, include_attention: bool, include_lm_head: bool) -> dict:
+    text_config = model.config.get_text_config()
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
     attention = (
         4 * text_config.num_hidden_layers * text_config.num_attention_heads * head_dim * context
@@ -111,4 +128,4 @@ def flops_per_token(
     }
 
 
-__all__ = ["activated_parameters", "activated_parameters_at", "flops_per_token"]
+__all__ = ["activated_parameters", "activated_parameters_at", "flops_per_token", "flops_per_token_at"]

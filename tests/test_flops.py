@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hf_dare import MoEForCausalLM, MoELlavaForConditionalGeneration
-from hf_dare.flops import activated_parameters, activated_parameters_at, flops_per_token
+from hf_dare.flops import activated_parameters, activated_parameters_at, flops_per_token, flops_per_token_at
 from tests import tiny_models
 
 HIDDEN, INTERMEDIATE, VOCAB, LAYERS, HEADS, KV_HEADS = 32, 64, 96, 4, 4, 2
@@ -73,6 +73,10 @@ def test_activated_parameters_match_hand_count(router):
     assert flops["flops_per_token"] == pytest.approx(2 * result["activated_params"] + attention)
     with_head = flops_per_token(model, outputs, include_attention=False, include_lm_head=True)
     assert with_head["flops_per_token"] == pytest.approx(2 * result["activated_params"] + 2 * VOCAB * HIDDEN)
+    # The same from Avg K per layer and the context, as measured over a whole evaluation set.
+    at = flops_per_token_at(model, avg_k, context)
+    assert at["flops_per_token"] == pytest.approx(flops["flops_per_token"])
+    assert at["attention_flops"] == pytest.approx(attention)
 
 
 def test_fewer_experts_give_fewer_activated_parameters():

@@ -102,8 +102,9 @@ class MoEBlock(nn.Module):
     load-balancing loss when asked, and leaves its `Routing` there; called on its own it just routes.
     """
 
-    # A DeepSpeed ZeRO-3 leaf module: its parameters (router, experts) are gathered together for the whole
-    # block, so a rank whose tokens skip an expert still joins the same collectives (DeepSpeed reads `_z3_leaf`).
+    # A DeepSpeed ZeRO-3 leaf module (DeepSpeed reads `_z3_leaf`): the block's parameters (router, experts) are
+    # gathered together for its forward and backward, whatever experts this rank's tokens use. Without it ZeRO-3
+    # hooks the router, whose output (a `Routing`) they cannot follow, and release its weight before its backward.
     _z3_leaf = True
 
     def __init__(self, config: MoEConfigBase, layer_idx: int):

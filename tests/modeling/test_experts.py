@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from hf_dare import MoEForCausalLM
 from hf_dare.modeling import experts as experts_module
@@ -169,8 +170,11 @@ def test_hf_dare_takes_the_token_loop_only_on_cpu_without_grad_for_few_tokens(
     block = dare_block().eval().to(device)
     block.experts.config._experts_implementation = "hf_dare"
     calls = []
-    monkeypatch.setattr(experts_module, "token_loop_experts_forward", Spy("loop", calls))
-    monkeypatch.setattr(experts_module, "sorted_experts_forward", Spy("sorted", calls))
+    # The module of the kernel registered under `hf_dare`: a checkpoint's own copy of experts.py, loaded with
+    # remote code earlier in the session, registers its (identical) kernels under the same names.
+    kernel_globals = ALL_EXPERTS_FUNCTIONS["hf_dare"].__globals__
+    monkeypatch.setitem(kernel_globals, "token_loop_experts_forward", Spy("loop", calls))
+    monkeypatch.setitem(kernel_globals, "sorted_experts_forward", Spy("sorted", calls))
     with torch.set_grad_enabled(grad):
         block(torch.randn(1, num_tokens, 32, device=device))
     assert calls == ["loop" if expect_token_loop else "sorted"]

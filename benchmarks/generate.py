@@ -13,10 +13,14 @@ Timing. Each repetition runs both models' `generate` once, alternating the order
 ...), so a slow phase of a shared machine hits both alike; the reported ratio is the median over the repetitions
 of DARE tokens/s / Top-2 tokens/s within the same repetition, with its min-max and interquartile range. "Decode
 tokens/s" excludes the prompt: batch x (N - 1) new tokens over the time from the start of the first decoding
-forward (the one after the prompt's) to `generate`'s return, so it includes generate's own per-step work.
+forward (the one after the prompt's) to `generate`'s return, so it includes generate's own per-step work. The
+same ratio on this process's CPU time is printed too: on a shared machine it is far steadier, being blind to
+the time other jobs hold the cores. Busy machines also inflate every op that opens an OpenMP parallel region
+(sdpa, sin / cos in the rotary embedding...): with 2 threads, each such op waits for its second thread to be
+scheduled, so compare breakdowns taken on a quiet machine, or with `--threads 1`.
 
-Avg K and the ideals. Hooks on each MoE block's experts (`block.experts`: its forward, and `decode_forward`, which
-the CPU decode path calls directly) record the experts every decoded token uses, so the Avg K and the experts read
+Avg K and the ideals. Hooks on each MoE block's experts (`block.experts`: its forward, and `decode_forward` where
+a CPU decode path calls that directly) record the experts every decoded token uses, so the Avg K and the experts read
 per layer are the ones realised in the timed runs. Weights-read ideal: the bytes a decoding step must read, per
 decoded token: every non-expert weight (attention, norms, dense FFNs, routers, DARE's predictors, LM head; not
 the input embedding, of which one row is read) + Avg K x one expert's weights per MoE layer + the KV cache; ideal
@@ -31,9 +35,11 @@ output is replaced by a fixed schedule: an evenly spread fraction `avg_k - 1` of
 
 Breakdown (`--breakdown`): forward pre/post hooks timed with `time.perf_counter` on the attention and FFN of
 every decoder layer, the MoE experts, the router (the child of each MoE block that is not `experts`) and DARE's
-predictor, the decoder, the LM head and the whole model; the rest is derived by difference (norms and residuals,
-the MoE block's own glue, embeddings / rotary / masks, the routing statistics and losses the model's forward
-builds after the LM head, and generate's own per-step work = step time - model forward).
+predictor, the decoder and its embedding / rotary / final norm, the LM head and the whole model; the rest is
+derived by difference (norms and residuals, the MoE block's own glue, the decoder's masks and Python, the routing
+statistics and losses the model's forward builds after the LM head, and generate's own per-step work = step
+time - model forward). Then the gap to the weights-read ideal, split into those parts, and micro-timings (taken
+between the runs) of the bare expert matmuls and of the router + predictor fused into one matmul.
 """
 
 import argparse
@@ -165,7 +171,8 @@ class DecodeProbe:
     def reset(self) -> None:
         self.forwards = 0
         self.decode_start = None
-        self.decode_seconds = float("nan")
+        self.decode_start_cpu = 0.0
+        self.decode_seconds = self.decode_cpu_seconds = float("nan")
         self.decode_steps = 0
         self.seconds = defaultdict(float)
         self.indices = []  # (forward number, MoE block position, (T, K) expert indices)
@@ -188,7 +195,7 @@ class DecodeProbe:
             self.decode_steps += 1
         self._forward_start = time.perf_counter()
         if self.decoding and self.decode_start is None:
-            self.decode_start = self._forward_start
+            self.decode_start, self.decode_start_cpu = self._forward_start, time.process_time()
 
     def _model_post(self, module, args, output):
         if self.decoding:
@@ -250,6 +257,9 @@ class DecodeProbe:
         model = self.model
         self._time(model.model, "decoder")
         self._time(model.lm_head, "lm_head")
+        for name in ("embed_tokens", "rotary_emb", "norm"):  # the decoder's own modules, where it has them
+            if isinstance(getattr(model.model, name, None), torch.nn.Module):
+                self._time(getattr(model.model, name), name)
         blocks = {id(block) for block in self.blocks}
         for layer in decoder_layers(model):
             self._time(layer, "layers")
@@ -368,6 +378,7 @@ def timed_generate(model, probe: DecodeProbe, input_ids: torch.Tensor, new_token
     with torch.no_grad():
         out = generate(model, input_ids, new_tokens)
     probe.decode_seconds = time.perf_counter() - probe.decode_start
+    probe.decode_cpu_seconds = time.process_time() - probe.decode_start_cpu
     assert out.shape[1] == input_ids.shape[1] + new_tokens, out.shape
     assert probe.decode_steps == new_tokens - 1, (probe.decode_steps, new_tokens)
     return input_ids.shape[0] * (new_tokens - 1) / probe.decode_seconds
@@ -375,14 +386,18 @@ def timed_generate(model, probe: DecodeProbe, input_ids: torch.Tensor, new_token
 
 def interleaved(models: dict, probes: dict, input_ids, new_tokens: int, repeats: int, on_run=None) -> dict:
     """Tokens/s of each model per repetition, the two run back to back in alternating order; `on_run(name,
-    probe)` after each timed run (to collect what the hooks recorded)."""
+    probe)` after each timed run (to collect what the hooks recorded). Also, under `cpu/<name>`, tokens per
+    second of this process's CPU time: blind to the time other jobs take the cores from it (not to their
+    sharing of memory bandwidth), but it counts the time the intra-op threads spin while waiting."""
     names = list(models)
     for name in names:  # warm-up: allocations, one-time dispatch
         timed_generate(models[name], probes[name], input_ids, min(new_tokens, 4))
-    tokens_per_s = {name: [] for name in names}
+    tokens_per_s = {key: [] for name in names for key in (name, f"cpu/{name}")}
     for rep in range(repeats):
         for name in names if rep % 2 == 0 else names[::-1]:
             tokens_per_s[name].append(timed_generate(models[name], probes[name], input_ids, new_tokens))
+            decoded = input_ids.shape[0] * (new_tokens - 1)
+            tokens_per_s[f"cpu/{name}"].append(decoded / probes[name].decode_cpu_seconds)
             if on_run is not None:
                 on_run(name, probes[name])
     return tokens_per_s
@@ -435,6 +450,7 @@ def headline(args, models, probes, sizes) -> dict:
     tokens_per_s = interleaved(models, probes, input_ids, args.new_tokens, args.repeats, collector)
     ratios = [d / t for d, t in zip(tokens_per_s["dare"], tokens_per_s["top2"], strict=True)]
     ratio = spread(ratios)
+    cpu_ratio = spread([d / t for d, t in zip(tokens_per_s["cpu/dare"], tokens_per_s["cpu/top2"], strict=True)])
     avg_k = {name: collector.avg_k(name) for name in models}
     context = args.prompt_len + args.new_tokens / 2
     moe = sizes["top2"]["moe_layers"]
@@ -464,6 +480,11 @@ def headline(args, models, probes, sizes) -> dict:
         f"(min {ratio['min']:.3f}, max {ratio['max']:.3f}; interquartile range {ratio['q1']:.3f} - {ratio['q3']:.3f})"
     )
     print(
+        f"the same on this process's CPU time (blind to other jobs taking the cores): {cpu_ratio['median']:.3f} "
+        f"(min {cpu_ratio['min']:.3f}, max {cpu_ratio['max']:.3f}; interquartile range {cpu_ratio['q1']:.3f} - "
+        f"{cpu_ratio['q3']:.3f})"
+    )
+    print(
         f"Avg K realised while decoding (DARE): {avg_k['dare']:.3f} (per MoE layer: {per_layer}); Top-2: {avg_k['top2']:.3f}"
     )
     print(
@@ -477,7 +498,7 @@ def headline(args, models, probes, sizes) -> dict:
     print(
         f"RESULT ratio={ratio['median']:.4f} ratio_min={ratio['min']:.4f} ratio_max={ratio['max']:.4f} "
         f"ratio_q1={ratio['q1']:.4f} ratio_q3={ratio['q3']:.4f} avg_k={avg_k['dare']:.4f} ideal={ideal:.4f} "
-        f"share={share:.4f}"
+        f"share={share:.4f} cpu_ratio={cpu_ratio['median']:.4f}"
     )
     return {"ratio": ratio, "avg_k": avg_k, "ideal": ideal, "tokens_per_s": tokens_per_s, "collector": collector}
 
@@ -494,7 +515,7 @@ def by_batch_size(args, models, probes, sizes, first: dict) -> None:
         if batch in (1, args.batch_size):
             repeats, new_tokens, prompt_len = args.repeats, args.new_tokens, args.prompt_len
         elif batch <= 4:
-            repeats, new_tokens, prompt_len = max(3, args.repeats // 2), args.new_tokens, args.prompt_len
+            repeats, new_tokens, prompt_len = max(3, args.repeats // 2), max(8, args.new_tokens // 2), args.prompt_len
         else:
             repeats = 3
             new_tokens = max(8, args.new_tokens // (2 if batch <= 16 else 4))
@@ -550,7 +571,8 @@ def by_batch_size(args, models, probes, sizes, first: dict) -> None:
         )
     print(
         "(weights ideal: every expert any token of the step uses in a layer is read once; FLOPs ideal: Avg K x expert "
-        "FLOPs + the rest, per token. Batches above 4 use a shorter prompt and fewer new tokens, see above.)"
+        "FLOPs + the rest, per token. Larger batches run fewer repetitions and new tokens, and above 4 a shorter "
+        "prompt: see the lines above the table.)"
     )
 
 
@@ -567,7 +589,10 @@ ROWS = (
     ("predictor", "DARE difficulty predictor"),
     ("schedule", "difficulty schedule (benchmark only)"),
     ("block_glue", "MoE block glue (block - router - experts)"),
-    ("decoder_other", "embedding, rotary, masks, final norm"),
+    ("embedding", "input embedding"),
+    ("rotary", "rotary embedding (cos / sin)"),
+    ("final_norm", "final norm"),
+    ("decoder_other", "decoder's other work (masks, cache, Python)"),
     ("lm_head", "LM head"),
     ("bookkeeping", "routing statistics / losses in the output"),
     ("generate", "generate's own per-step work"),
@@ -587,7 +612,10 @@ def derive(seconds: dict, step: float) -> dict:
         "predictor": s["predictor"],
         "schedule": predictor_wrapper - s["predictor"],
         "block_glue": s["moe_block"] - s["router"] - s["experts"],
-        "decoder_other": s["decoder"] - s["layers"],
+        "embedding": s["embed_tokens"],
+        "rotary": s["rotary_emb"],
+        "final_norm": s["norm"],
+        "decoder_other": s["decoder"] - s["layers"] - s["embed_tokens"] - s["rotary_emb"] - s["norm"],
         "lm_head": s["lm_head"],
         "bookkeeping": s["forward"] - s["decoder"] - s["lm_head"],
         "generate": step - s["forward"],
@@ -606,67 +634,82 @@ def bench(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def what_ifs(dare: MoEForCausalLM, avg_k: float, repeats: int) -> dict:
-    """Micro-timings, in ms per decoding step (batch 1, all MoE layers), of what a leaner decode path would cost:
-    the bare expert matmuls at the realised Avg K (no routing, no Python loop), the router with DARE's real
-    predictor as it runs now (without the benchmark's schedule), and the same decision with the router and the
-    predictor's first layer fused into one matmul on the shared input (RMSNorm's weight folded into that layer,
-    the per-token 1/rms applied after the matmul)."""
-    blocks = moe_blocks(dare)
-    router = router_of(blocks[0])
-    scheduled = router.difficulty_predictor
-    predictor = getattr(scheduled, "predictor", scheduled)
-    first = blocks[0].experts
-    dtype = first.gate_up_proj.dtype
-    hidden = torch.randn(1, first.gate_up_proj.shape[-1], dtype=dtype)
-    result = {}
-    with torch.no_grad():
-        # Cycle over the experts of every MoE layer, so the weights come from memory as in decoding.
-        weights = [
-            (b.experts.gate_up_proj[e], b.experts.down_proj[e]) for b in blocks for e in range(first.num_experts)
+class MicroTimings:
+    """What a leaner batch-1 decode path would cost, timed between the breakdown's runs (so a busy machine
+    slows them alike), in ms per decoding step over all MoE layers:
+
+    - `expert`: one expert's two matmuls on one token, bare (no routing, no Python loop), cycling over every
+      expert of every MoE layer so the weights come from memory as in decoding;
+    - `router_now`: a DARE router as it runs now, with its real predictor (not the benchmark's schedule);
+    - `router_fused`: the same decision with the router and the predictor's first layer as one matmul on the
+      shared input (RMSNorm's weight folded into that layer, the per-token 1/rms applied after the matmul).
+    """
+
+    def __init__(self, dare: MoEForCausalLM, repeats: int = 1):
+        self.blocks = moe_blocks(dare)
+        self.repeats = repeats
+        self.samples = defaultdict(list)
+        first = self.blocks[0].experts
+        self.dtype = first.gate_up_proj.dtype
+        self.hidden = torch.randn(1, first.gate_up_proj.shape[-1], dtype=self.dtype)
+        self.weights = [
+            (b.experts.gate_up_proj[e], b.experts.down_proj[e]) for b in self.blocks for e in range(first.num_experts)
         ]
-        position = [0]
+        self.position = 0
+        self.router = router_of(self.blocks[0])
+        self.scheduled = self.router.difficulty_predictor
+        self.predictor = getattr(self.scheduled, "predictor", self.scheduled)
+        self.fused_weight = torch.cat(
+            [self.router.weight.float(), (self.predictor.up.weight * self.predictor.norm.weight).float()]
+        )
+        self.router_ok = self.check_fused()
 
-        def one_expert():
-            gate_up, down = weights[position[0] % len(weights)]
-            position[0] += 1
-            gate, up = F.linear(hidden, gate_up).chunk(2, dim=-1)
-            F.linear(F.silu(gate) * up, down)
+    def one_expert(self) -> None:
+        gate_up, down = self.weights[self.position % len(self.weights)]
+        self.position += 1
+        gate, up = F.linear(self.hidden, gate_up).chunk(2, dim=-1)
+        F.linear(F.silu(gate) * up, down)
 
-        expert_ms = bench(one_expert, repeats * len(weights)) * 1e3
-        result["bare_experts"] = expert_ms * avg_k * len(blocks)
-        result["bare_experts_top2"] = expert_ms * 2 * len(blocks)
-
-        router.difficulty_predictor = predictor
+    def router_now(self):
+        self.router.difficulty_predictor = self.predictor
         try:
-            routing = router(hidden)
-            result["router_now"] = bench(lambda: router(hidden), repeats * 20) * 1e3 * len(blocks)
-        except Exception as error:  # the router's interface changed: skip this what-if
-            print(f"(router micro-timing skipped: {type(error).__name__}: {error})")
-            return result
+            return self.router(self.hidden)
         finally:
-            router.difficulty_predictor = scheduled
+            self.router.difficulty_predictor = self.scheduled
 
+    def router_fused(self):
+        router, predictor = self.router, self.predictor
         num_experts = router.weight.shape[0]
-        fused_weight = torch.cat([router.weight.float(), (predictor.up.weight * predictor.norm.weight).float()])
-        eps = predictor.norm.eps or torch.finfo(dtype).eps
-        thresholds = router.threshold_tracker.thresholds
-        width = routing.expert_indices.shape[-1]
+        x = self.hidden.float()
+        both = x @ self.fused_weight.t()
+        scale = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + (predictor.norm.eps or torch.finfo(self.dtype).eps))
+        logits = both[:, :num_experts]
+        up = torch.addcmul(predictor.up.bias, both[:, num_experts:], scale)
+        difficulty = F.softplus(predictor.down(F.silu(up))).squeeze(-1)
+        counts = 1 + (difficulty[:, None] >= router.threshold_tracker.thresholds[None, :]).sum(-1)
+        width = router.max_experts
+        return router.route(logits, F.softmax(logits, dim=-1), counts, width, self.dtype, difficulty)
 
-        def fused():
-            x = hidden.float()
-            both = x @ fused_weight.t()
-            scale = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-            logits = both[:, :num_experts]
-            up = torch.addcmul(predictor.up.bias, both[:, num_experts:], scale)
-            difficulty = F.softplus(predictor.down(F.silu(up))).squeeze(-1)
-            counts = 1 + (difficulty[:, None] >= thresholds[None, :]).sum(-1)
-            return router.route(logits, F.softmax(logits, dim=-1), counts, width, dtype, difficulty)
+    def check_fused(self) -> bool:
+        try:
+            with torch.no_grad():
+                now, fused = self.router_now(), self.router_fused()
+            torch.testing.assert_close(fused.difficulty, now.difficulty, rtol=1e-4, atol=1e-5)
+            return True
+        except Exception as error:  # the router's interface changed: skip these micro-timings
+            print(f"(router micro-timings skipped: {type(error).__name__}: {error})")
+            return False
 
-        check = fused()
-        torch.testing.assert_close(check.difficulty, routing.difficulty, rtol=1e-4, atol=1e-5)
-        result["router_fused"] = bench(fused, repeats * 20) * 1e3 * len(blocks)
-    return result
+    def sample(self) -> None:
+        layers = len(self.blocks)
+        with torch.no_grad():
+            self.samples["expert"].append(bench(self.one_expert, self.repeats * len(self.weights)) * 1e3)
+            if self.router_ok:
+                self.samples["router_now"].append(bench(self.router_now, self.repeats * 10) * 1e3 * layers)
+                self.samples["router_fused"].append(bench(self.router_fused, self.repeats * 10) * 1e3 * layers)
+
+    def median(self, key: str) -> float:
+        return statistics.median(self.samples[key])
 
 
 def breakdown(args, models, sizes) -> None:
@@ -683,10 +726,12 @@ def breakdown(args, models, sizes) -> None:
         steps[name].append(step * 1e3)
 
     collector = Collector()
+    micro = MicroTimings(models["dare"])
 
     def collect(name, probe):
         on_run(name, probe)
         collector(name, probe)
+        micro.sample()
 
     interleaved(models, probes, input_ids, args.new_tokens, args.breakdown_repeats, collect)
     for probe in probes.values():
@@ -751,16 +796,17 @@ def breakdown(args, models, sizes) -> None:
     for label, value, note in gap_rows:
         print(f"  {value:+7.2f} ms  {label}{'  (' + note + ')' if note else ''}")
 
-    wi = what_ifs(models["dare"], avg_k, max(3, args.breakdown_repeats))
+    moe_layers = len(micro.blocks)
     print("\n### micro-timings for a leaner decode path (ms per decoding step, all MoE layers, batch 1)")
     print(
-        f"bare expert matmuls at Avg K {avg_k:.3f}: {wi['bare_experts']:.2f} ms (DARE's experts took "
-        f"{d_exp:.2f} ms) ; at K = 2: {wi['bare_experts_top2']:.2f} ms (Top-2's took {t_exp:.2f} ms)"
+        f"bare expert matmuls at Avg K {avg_k:.3f}: {micro.median('expert') * avg_k * moe_layers:.2f} ms (DARE's "
+        f"experts took {d_exp:.2f} ms); at K = 2: {micro.median('expert') * 2 * moe_layers:.2f} ms (Top-2's took "
+        f"{t_exp:.2f} ms)"
     )
-    if "router_fused" in wi:
+    if micro.router_ok:
         print(
-            f"router with DARE's predictor as now (no schedule): {wi['router_now']:.2f} ms; router and predictor "
-            f"fused into one matmul on the shared input: {wi['router_fused']:.2f} ms"
+            f"router with DARE's predictor as now (no schedule): {micro.median('router_now'):.2f} ms; router and "
+            f"predictor fused into one matmul on the shared input: {micro.median('router_fused'):.2f} ms"
         )
 
 

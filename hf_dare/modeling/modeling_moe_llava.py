@@ -313,13 +313,6 @@ class MoEModelMixin:
                 updated[block.layer_idx] = state
         return updated
 
-    def prepare_inputs_for_generation(self, *args, **kwargs):
-        """transformers' inputs for a generation step, with the per-layer routing statistics (`expert_counts`,
-        `expert_load`) off unless `generate(..., output_routing_statistics=True)` asks for them."""
-        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
-        model_inputs.setdefault("output_routing_statistics", False)
-        return model_inputs
-
     def update_difficulty_thresholds(self) -> dict[int, list[float]]:
         """`update_routing_state` (every router's per-step update, DARE's thresholds and the others'), returning
         DARE's new thresholds by layer index. Call one of the two once per optimizer step."""
@@ -461,6 +454,16 @@ def experts_parallel_plans(layers: str) -> tuple[dict[str, str], dict[str, str]]
     return tp_plan, ep_plan
 
 
+class RoutingStatisticsOffInGeneration:
+    """For the generative models: transformers' inputs for a generation step, with the per-layer routing
+    statistics (`expert_counts`, `expert_load`) off unless `generate(..., output_routing_statistics=True)`."""
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        model_inputs.setdefault("output_routing_statistics", False)
+        return model_inputs
+
+
 class MoEPreTrainedModel(MoEModelMixin, PreTrainedModel):
     config: MoECausalLMConfig
     config_class = MoECausalLMConfig
@@ -479,7 +482,7 @@ class MoEPreTrainedModel(MoEModelMixin, PreTrainedModel):
 _CAUSAL_LM_TP_PLAN, _CAUSAL_LM_EP_PLAN = experts_parallel_plans("model.layers")
 
 
-class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
+class MoEForCausalLM(RoutingStatisticsOffInGeneration, MoEPreTrainedModel, GenerationMixin):
     """A transformers decoder (`AutoModel.from_config(config.text_config)`) with MoE FFNs and an LM head."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -568,7 +571,9 @@ class MoELlavaModel(MoELlavaPreTrainedModel, LlavaModel):
 _LLAVA_TP_PLAN, _LLAVA_EP_PLAN = experts_parallel_plans("model.language_model.layers")
 
 
-class MoELlavaForConditionalGeneration(MoELlavaPreTrainedModel, LlavaForConditionalGeneration):
+class MoELlavaForConditionalGeneration(
+    RoutingStatisticsOffInGeneration, MoELlavaPreTrainedModel, LlavaForConditionalGeneration
+):
     """MoE-LLaVA: transformers' `LlavaForConditionalGeneration` whose language model has MoE FFNs.
 
     Image tokens (`config.image_token_id`) are routed like text but flagged as vision tokens, which LTDR

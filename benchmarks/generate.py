@@ -562,7 +562,10 @@ def by_batch_size(args, models, probes, sizes, first: dict) -> None:
     )
     for r in rows:
         ratio = r["ratio"]
-        shares = f"{share_of_ideal(ratio['median'], r['weights_ideal']):6.1%} / {share_of_ideal(ratio['median'], r['flops_ideal']):6.1%}"
+        shares = " / ".join(
+            f"{value:6.1%}" if math.isfinite(value) else f"{'n/a':>6}"
+            for value in (share_of_ideal(ratio["median"], r[key]) for key in ("weights_ideal", "flops_ideal"))
+        )
         print(
             f"| {r['batch']:>5} | {r['top2']:>11.2f} | {r['dare']:>10.2f} | "
             f"{ratio['median']:.3f} [{ratio['min']:.3f} - {ratio['max']:.3f}] | {r['avg_k']:.3f} | "

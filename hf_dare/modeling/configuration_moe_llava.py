@@ -7,6 +7,11 @@ the MoE layout and the router settings. Every setting is validated when the conf
 import dataclasses
 import inspect
 
+import transformers
+
+if int(transformers.__version__.split(".")[0]) < 5:
+    raise ImportError(f"This model's code needs transformers >= 5.0, < 6 (found {transformers.__version__}).")
+
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING

@@ -190,3 +190,12 @@ def test_cli_bad_target_distribution_gets_the_config_message(dense_dirs, tmp_pat
     assert not out.exists()
     with pytest.raises(SystemExit):  # not a number at all: argparse's own refusal
         main(["upcycle", str(dense_dirs["qwen3"]), str(out), "--moe-layers", "one"])
+
+
+def test_conversion_outputs_load_without_missing_or_unexpected_keys(dense_dirs, built_llava, tmp_path):
+    lm = upcycle(dense_dirs["qwen3"], tmp_path / "lm", num_experts=4, router="dare", max_shard_size="30KB")
+    _, info = AutoModelForCausalLM.from_pretrained(lm, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    llava = upcycle(built_llava, tmp_path / "llava", num_experts=4, router="ltdr", max_shard_size="30KB")
+    _, info = AutoModelForImageTextToText.from_pretrained(llava, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]

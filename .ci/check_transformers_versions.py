@@ -1,8 +1,8 @@
-"""CI: saved checkpoints load and compute the same logits on the transformers 5.x releases that setup.cfg accepts.
+"""CI: saved checkpoints load and compute the same logits on every transformers 5.x, without hf_dare installed.
 
-The code inside a checkpoint (`hf_dare/modeling/*.py`, loaded with `trust_remote_code=True`) falls back to what
-older releases have where newer ones changed (see the comments there). This script, run in the project's
-environment (hf_dare installed):
+The code inside a checkpoint (`hf_dare/modeling/*.py`, loaded with `trust_remote_code=True`) runs on transformers
+5.0 and later, falling back to what older releases have where newer ones changed (see the comments there); the
+package itself needs a newer floor (setup.cfg). This script, run in the project's environment (hf_dare installed):
 
 1. builds a tiny MoE causal LM (DARE router, Qwen2 decoder) and a tiny MoE-LLaVA (LTDR router, CLIP tower),
    saves them with `save_pretrained` and records their logits on fixed inputs;
@@ -41,7 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV = REPO_ROOT / ".ci-venv-tf"
 LATEST = "latest"
 DEFAULT_VERSIONS = [
-    "5.0.0",  # the oldest supported release: keep in step with `transformers>=` in setup.cfg
+    "5.0.0",  # the oldest release the checkpoint code supports
     "5.3.0",  # the last with `__init__`-based configs (and CompileableContextVar(name, default))
     "5.5.4",  # the last with CLIP / SigLIP's `vision_model` level, before registered experts kernels (5.7)
     LATEST,

@@ -19,8 +19,7 @@ the time other jobs hold the cores. Busy machines also inflate every op that ope
 (sdpa, sin / cos in the rotary embedding...): with 2 threads, each such op waits for its second thread to be
 scheduled, so compare breakdowns taken on a quiet machine, or with `--threads 1`.
 
-Avg K and the ideals. Hooks on each MoE block's experts (`block.experts`: its forward, and `decode_forward` where
-a CPU decode path calls that directly) record the experts every decoded token uses, so the Avg K and the experts read
+Avg K and the ideals. Hooks on each MoE block's experts (`block.experts`) record the experts every decoded token uses, so the Avg K and the experts read
 per layer are the ones realised in the timed runs. Weights-read ideal: the bytes a decoding step must read, per
 decoded token: every non-expert weight (attention, norms, dense FFNs, routers, DARE's predictors, LM head; not
 the input embedding, of which one row is read) + Avg K x one expert's weights per MoE layer + the KV cache; ideal
@@ -147,8 +146,7 @@ class DecodeProbe:
 
     - the whole model's forward: counts forwards, tells decoding steps (one new token per sequence) from the
       prompt's forward, notes when the first decoding step starts and sums the decoding forwards' time;
-    - each MoE block's experts (`forward` through hooks, and `decode_forward` where the CPU decode path calls
-      it directly, wrapped on the instance): the experts (T, K) each token of every decoding step uses,
+    - each MoE block's experts (forward hooks): the experts (T, K) each token of every decoding step uses,
       sentinel E in the slots it does not use;
     - with `timing`, the modules of the breakdown: inclusive seconds per category on decoding steps.
     """
@@ -158,7 +156,6 @@ class DecodeProbe:
         self.blocks = moe_blocks(model)
         self.num_experts = self.blocks[0].experts.num_experts
         self.handles = []
-        self.wrapped = []
         self.decoding = False
         self.reset()
         self.handles.append(model.register_forward_pre_hook(self._model_pre, with_kwargs=True))
@@ -181,9 +178,7 @@ class DecodeProbe:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
-        for experts in self.wrapped:
-            del experts.decode_forward
-        self.handles, self.wrapped = [], []
+        self.handles = []
 
     def _model_pre(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -202,7 +197,7 @@ class DecodeProbe:
             self.seconds["forward"] += time.perf_counter() - self._forward_start
 
     def _watch_experts(self, experts: torch.nn.Module, position: int, timing: bool) -> None:
-        active = []  # non-empty while a call is in progress (forward may call decode_forward, or the other way)
+        active = []  # non-empty while a call is in progress (a kernel may call the experts' forward again)
 
         def enter(top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
             active.append(time.perf_counter() if not active else None)
@@ -226,18 +221,6 @@ class DecodeProbe:
 
         self.handles.append(experts.register_forward_pre_hook(pre, with_kwargs=True))
         self.handles.append(experts.register_forward_hook(post, with_kwargs=True))
-        original = getattr(experts, "decode_forward", None)
-        if original is not None:
-
-            def decode_forward(hidden_states, top_k_index, top_k_weights):
-                enter(top_k_index, top_k_weights)
-                try:
-                    return original(hidden_states, top_k_index, top_k_weights)
-                finally:
-                    leave()
-
-            experts.decode_forward = decode_forward
-            self.wrapped.append(experts)
 
     def _time(self, module: torch.nn.Module, category: str) -> None:
         starts = []

@@ -8,6 +8,8 @@ themselves in `build_parser` through a `add_<name>_command(subparsers)` function
 import argparse
 import sys
 
+from .modeling.configuration_moe_llava import ROUTERS
+
 
 def _numbers(kind: type, what: str):
     """An argparse `type` for one item of a list option: `1`, or several comma-separated `1,3`."""
@@ -33,7 +35,7 @@ def _add_list_option(parser: argparse.ArgumentParser, name: str, kind: type, wha
     parser.add_argument(name, nargs="+", type=_numbers(kind, what), action=_ExtendList, default=None, help=help)
 
 
-ROUTER_NAMES = ("top_k", "dare", "ltdr")
+ROUTER_NAMES = ROUTERS
 
 
 def _layer(text: str) -> int | range:

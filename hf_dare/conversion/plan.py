@@ -100,6 +100,11 @@ def padded_rows(reader: CheckpointReader, source: str, name: str, num_rows: int)
     return PlannedTensor(name, (num_rows, *shape[1:]), reader.dtype(source), (source,), make)
 
 
+def seeded(seed: int, name: str) -> int:
+    """The seed of the random stream of the fresh tensor(s) `name`, from the conversion's `seed`."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
 def fresh(
     name: str,
     shape: tuple[int, ...],
@@ -113,7 +118,7 @@ def fresh(
     """A newly initialised tensor: `init` is "normal" (mean 0, `std`), "zeros", "ones" or "values".
 
     The random stream is seeded by (`seed`, `name`), so the result does not depend on plan order."""
-    generator_seed = (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+    generator_seed = seeded(seed, name)
 
     def make(tensors: list[torch.Tensor]) -> torch.Tensor:
         if init == "normal":

@@ -8,8 +8,9 @@ from transformers.dynamic_module_utils import custom_object_save
 
 from ..modeling import MoECausalLMConfig, MoEConfigBase, MoEForCausalLM, MoELlavaForConditionalGeneration
 from ..modeling.modeling_moe_llava import set_base_model_auto_map
+from ..modeling.routing import ROUTER_CLASSES
 from .checkpoint import ConversionError
-from .plan import PlannedTensor, fresh
+from .plan import PlannedTensor, fresh, seeded
 
 CODE_FILES = (
     "configuration_moe_llava.py",
@@ -49,11 +50,15 @@ def router_plan(
     """Freshly initialised router tensors of one MoE layer, as the model's own init does it: router and
     predictor weights normal(0, initializer_range), biases 0, the predictor's RMSNorm 1 (DARE with the `nll`
     proxy), DARE's thresholds at `config.initial_thresholds` (float32, like the buffer). The layer's router is
-    `config.router_for(layer_idx)`."""
+    `config.router_for(layer_idx)`; the baselines' routers (those with an `init_router_weights`: Top-p, ReMoE,
+    DynMoE, MoE++) are initialised by that method (`baseline_router_plan`)."""
     text = config.text_config
     hidden = text.hidden_size
     std = getattr(text, "initializer_range", 0.02)
     p = f"{text_prefix(config)}layers.{layer_idx}.mlp.gate."
+    router_class = ROUTER_CLASSES[config.router_for(layer_idx)]
+    if hasattr(router_class, "init_router_weights"):
+        return baseline_router_plan(router_class, config, p, dtype, seed, anchor, std)
     plan = [fresh(p + "weight", (config.num_experts, hidden), dtype, "normal", seed, anchor, std)]
     if config.router_for(layer_idx) == "dare":
         size = config.difficulty_predictor_size
@@ -78,6 +83,28 @@ def router_plan(
             ),
         ]
     return plan
+
+
+def baseline_router_plan(
+    router_class: type, config: MoEConfigBase, prefix: str, dtype: torch.dtype, seed: int, anchor: str, std: float
+) -> list[PlannedTensor]:
+    """The tensors of a router initialised by its own `init_router_weights(std)` (small: experts x hidden at
+    most), built once on the CPU with the global random stream seeded by (`seed`, `prefix`). Parameters take
+    `dtype`; floating buffers (ReMoE's `l1_coef`) keep their own dtype, as in the model."""
+    router = router_class(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seeded(seed, prefix))
+        router.init_router_weights(std)
+    parameters = {name for name, _ in router.named_parameters()}
+    plan = []
+    for name, tensor in router.state_dict().items():
+        tensor = tensor.detach().to(dtype) if name in parameters else tensor.detach().clone()
+        plan.append(PlannedTensor(prefix + name, tuple(tensor.shape), tensor.dtype, (), _constant(tensor), anchor))
+    return plan
+
+
+def _constant(tensor: torch.Tensor):
+    return lambda inputs: tensor
 
 
 def save_config_and_code(config: MoEConfigBase, model: torch.nn.Module, folder: Path) -> None:

@@ -138,3 +138,58 @@ def test_imported_moellava_keeps_the_deepspeed_gating_settings(tmp_path):
     model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True)
     gate = model.model.language_model.layers[2].mlp.gate
     assert gate.second_expert_sampling and (gate.capacity_factor, gate.eval_capacity_factor) == (1.25, 2.5)
+
+
+ROUTER_CLASS_NAMES = {
+    "top_p": "TopPRouter",
+    "remoe": "ReMoERouter",
+    "dynmoe": "DynMoERouter",
+    "moepp": "MoEPlusPlusRouter",
+}
+
+
+@pytest.mark.parametrize("router", list(ROUTER_CLASS_NAMES))
+def test_upcycle_into_the_baseline_routers(dense_dirs, tmp_path, router, capsys):
+    """Every router of the config upcycles (the router study trains them all from one upcycled start): the
+    checkpoint holds exactly the model's tensors, initialised as the router's own `init_router_weights` does,
+    the experts are the dense FFN, and it trains."""
+    src, out = dense_dirs["qwen2"], tmp_path / router
+    assert main(["upcycle", str(src), str(out), "--experts", "4", "--router", router, "--seed", "3"]) == 0, (
+        capsys.readouterr().err
+    )
+    model, info = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    dense = AutoModelForCausalLM.from_pretrained(src)
+    std = model.config.text_config.initializer_range
+    for layer_idx in model.config.moe_layers:
+        block = model.model.layers[layer_idx].mlp
+        assert type(block.gate).__name__ == ROUTER_CLASS_NAMES[router]
+        dense_ffn = dense.model.layers[layer_idx].mlp
+        for e in range(model.config.num_experts):
+            gate_up = torch.cat([dense_ffn.gate_proj.weight, dense_ffn.up_proj.weight])
+            torch.testing.assert_close(block.experts.gate_up_proj[e], gate_up, atol=0, rtol=0)
+        weight = block.gate.weight.detach()
+        if router == "dynmoe":  # orthonormal expert embeddings, thresholds 0
+            torch.testing.assert_close(weight @ weight.T, torch.eye(weight.shape[0]), atol=1e-5, rtol=0)
+            assert torch.equal(block.gate.expert_thresholds, torch.zeros(model.config.num_experts))
+        else:
+            assert 0.5 * std < weight.std().item() < 1.5 * std
+        if router == "remoe":
+            assert block.gate.l1_coef.dtype == torch.float32
+            assert block.gate.l1_coef.item() == pytest.approx(model.config.remoe_initial_l1_coef)
+        if router == "moepp" and block.gate.gating_residual:
+            assert torch.equal(block.gate.residual_weight, torch.zeros_like(block.gate.residual_weight))
+    first, second = (model.model.layers[i].mlp.gate.weight for i in model.config.moe_layers[:2])
+    assert not torch.equal(first, second)  # each layer's router has its own random stream
+
+    again = upcycle(src, tmp_path / "again", router=router, seed=3)
+    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+    batch = tiny_models.random_batch(model.config, batch_size=2, seq_len=8)
+    if router in ("top_p", "dynmoe"):  # the active experts' weights sum to 1: the dense model's output
+        torch.testing.assert_close(logits_of(model.eval(), batch), logits_of(dense.eval(), batch), atol=1e-5, rtol=0)
+    model.train()
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.model.layers[model.config.moe_layers[0]].mlp.gate.weight.grad.abs().sum() > 0

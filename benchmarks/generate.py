@@ -7,6 +7,7 @@ DARE actually realised while decoding.
                                                          # the DARE paper's backbone, scaled to 375M parameters); batch 1
     python benchmarks/generate.py --batch-sizes 1 4 16 64  # + tokens/s by batch size, against weights-read and FLOPs ideals
     python benchmarks/generate.py --breakdown            # + where one decode step's time goes, Top-2 and DARE
+    python benchmarks/generate.py --bookkeeping          # + hf-dare's Top-2 vs a plain Top-2 loop of the same experts
     python benchmarks/generate.py --quick                # tiny model, runs in well under a minute (smoke run)
 
 Timing. Each repetition runs both models' `generate` once, alternating the order (Top-2 first, then DARE first,
@@ -42,6 +43,7 @@ between the runs) of the bare expert matmuls and of the router + predictor fused
 """
 
 import argparse
+import copy
 import math
 import statistics
 import time
@@ -154,7 +156,7 @@ class DecodeProbe:
     def __init__(self, model: MoEForCausalLM, timing: bool = False):
         self.model = model
         self.blocks = moe_blocks(model)
-        self.num_experts = self.blocks[0].experts.num_experts
+        self.num_experts = self.blocks[0].experts.num_experts if self.blocks else None
         self.handles = []
         self.decoding = False
         self.reset()
@@ -797,6 +799,77 @@ def breakdown(args, models, sizes) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# 4. bookkeeping: hf-dare's Top-2 against a plain Top-2 loop of the same experts
+
+
+class PlainTop2Block(torch.nn.Module):
+    """The textbook Top-2 MoE block (Mixtral's loop), on an MoE block's own router weight and experts: softmax in
+    float32, top-2, renormalised, one gated FFN per expert used, `index_add_` of the weighted outputs. No routing
+    object, no context, no masks, no statistics: what an MoE block costs without hf-dare's bookkeeping."""
+
+    def __init__(self, block: torch.nn.Module):
+        super().__init__()
+        self.weight = router_of(block).weight
+        self.gate_up_proj = block.experts.gate_up_proj
+        self.down_proj = block.experts.down_proj
+        self.act_fn = block.experts.act_fn
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        probs = F.linear(flat, self.weight).softmax(dim=-1, dtype=torch.float32)
+        weights, index = probs.topk(2, dim=-1)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(flat.dtype)
+        out = torch.zeros_like(flat)
+        for expert in index.unique().tolist():
+            token, slot = torch.where(index == expert)
+            gate, up = F.linear(flat[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
+            out.index_add_(0, token, expert_out * weights[token, slot, None])
+        return out.view(hidden_states.shape)
+
+
+def with_plain_top2_blocks(top2: MoEForCausalLM) -> MoEForCausalLM:
+    """A copy of the Top-2 model whose MoE blocks are `PlainTop2Block`s over the same (copied) weights."""
+    plain = copy.deepcopy(top2)
+    for layer in decoder_layers(plain):
+        if layer.mlp in moe_blocks(plain):
+            layer.mlp = PlainTop2Block(layer.mlp)
+    plain._moe_blocks = None  # the model's cached list of its MoE blocks: now none
+    return plain
+
+
+def bookkeeping(args, top2: MoEForCausalLM) -> None:
+    """Decode time per token of hf-dare's Top-2 model (routing statistics off, as in generation) over the same
+    model with plain Top-2 loops for MoE blocks: the cost of routing objects, context, masks and the kernel's
+    sorting. The target is <= 1.03."""
+    plain = with_plain_top2_blocks(top2)
+    input_ids = prompt(args, args.batch_size, args.prompt_len)
+    with torch.no_grad():
+        same = torch.equal(generate(top2, input_ids, args.new_tokens), generate(plain, input_ids, args.new_tokens))
+    models = {"hf_dare": top2, "plain": plain}
+    probes = {name: DecodeProbe(model) for name, model in models.items()}
+    tokens_per_s = interleaved(models, probes, input_ids, args.new_tokens, args.repeats)
+    for probe in probes.values():
+        probe.remove()
+    cost = spread([p / h for p, h in zip(tokens_per_s["plain"], tokens_per_s["hf_dare"], strict=True)])
+    cpu = spread([p / h for p, h in zip(tokens_per_s["cpu/plain"], tokens_per_s["cpu/hf_dare"], strict=True)])
+    print(
+        f"\n## bookkeeping: hf-dare Top-2 (routing statistics off) vs the same experts in a plain Top-2 loop "
+        f"(batch {args.batch_size}, {args.repeats} interleaved repetitions)"
+    )
+    print(f"generated tokens identical: {same}")
+    print(
+        f"hf-dare time per token / plain loop's, median of {args.repeats} per-pair ratios: {cost['median']:.3f} "
+        f"(min {cost['min']:.3f}, max {cost['max']:.3f}; interquartile range {cost['q1']:.3f} - {cost['q3']:.3f}); "
+        f"on CPU time {cpu['median']:.3f} (interquartile range {cpu['q1']:.3f} - {cpu['q3']:.3f}); target <= 1.03"
+    )
+    print(
+        f"RESULT bookkeeping={cost['median']:.4f} bookkeeping_q1={cost['q1']:.4f} bookkeeping_q3={cost['q3']:.4f} "
+        f"bookkeeping_cpu={cpu['median']:.4f} same_tokens={int(same)}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 QUICK = dict(
@@ -836,6 +909,11 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true", help="also where one decode step's time goes")
     parser.add_argument("--breakdown-repeats", type=int, default=3)
     parser.add_argument(
+        "--bookkeeping",
+        action="store_true",
+        help="also hf-dare's Top-2 against the same experts in a plain Top-2 loop (target: <= 3%% more per token)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="tiny model (hidden 256, 4 layers, vocab 1024), 16 new tokens, 10 repetitions, 1 thread: well under a minute",
@@ -873,6 +951,8 @@ def main() -> None:
         probe.remove()
     if args.breakdown:
         breakdown(args, models, sizes)
+    if args.bookkeeping:
+        bookkeeping(args, top2)
     print(f"\ntotal time {time.perf_counter() - started:.0f} s")
 
 

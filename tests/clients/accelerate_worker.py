@@ -1,4 +1,4 @@
-"""Launched by `test_accelerate.py` on 2 CPU processes:
+"""Launched by `test_accelerate.py` on 2 CPU processes (FSDP on CPU: see `fsdp_on_cpu`):
 
     accelerate launch --config_file examples/accelerate/{fsdp,zero2,zero3}.yaml accelerate_worker.py MODEL_DIR OUT_DIR
 
@@ -80,6 +80,23 @@ def skip_deepspeed_op_builds() -> None:
     deepspeed.ops.__compatible_ops__ = defaultdict(bool)
 
 
+def fsdp_on_cpu(trainer: Trainer) -> None:
+    """accelerate turns FSDP on for GPU-class devices only: on CPU its state leaves `ACCELERATE_USE_FSDP`
+    processes as MULTI_CPU (plain DDP). Set the Trainer's accelerator state as accelerate sets it on GPUs
+    (distributed type FSDP, the plugin built from the launcher's `FSDP_*` variables) before training; the rest is
+    accelerate's own FSDP2 path, unchanged: `fully_shard` by the config's wrap policy, sharded optimizer, full
+    state dict on `save_model`."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or torch.cuda.is_available():
+        return
+    from accelerate import FullyShardedDataParallelPlugin, PartialState
+    from accelerate.utils import DistributedType
+
+    state = trainer.accelerator.state
+    state.distributed_type, state.fsdp_plugin = DistributedType.FSDP, FullyShardedDataParallelPlugin()
+    PartialState().distributed_type = DistributedType.FSDP  # as AcceleratorState's init mirrors it
+    trainer.is_fsdp_enabled = True
+
+
 def main():
     skip_deepspeed_op_builds()
     model_dir, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
@@ -110,6 +127,7 @@ def main():
     )
     recorder = Recorder()
     trainer = Trainer(model=model, args=args, train_dataset=rank_dataset(rank), callbacks=[DareCallback(), recorder])
+    fsdp_on_cpu(trainer)
     trainer.train()
     trained = full_parameters(trainer.model)
     trainer.save_model(str(out_dir / "saved"))
@@ -128,6 +146,7 @@ def main():
         "weights": trained,
         "first_forward_expert_tokens": loads[0],
         "leaf_blocks": leaf_blocks,
+        "sharded_parameters": sum(type(p).__name__ == "DTensor" for p in trainer.model.parameters()),
         "losses": [log["loss"] for log in trainer.state.log_history if "loss" in log],
     }
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))

@@ -1,9 +1,9 @@
-"""`accelerate launch` with the DeepSpeed ZeRO-2 / ZeRO-3 configs of examples/accelerate, 2 CPU processes (gloo),
-through the plain transformers `Trainer` with `DareCallback`: DARE's thresholds and the trained weights agree on
-both ranks, a rank whose tokens skip experts does not hang ZeRO-3 (each MoE block is a ZeRO-3 leaf module), and
-the saved folder reloads with `trust_remote_code`. The FSDP config is checked for what it wraps: accelerate
-enables FSDP only on GPU-class devices, so it cannot run here (FSDP2 itself, with the same wrapping, trains on CPU
-in tests/training/test_distributed.py)."""
+"""`accelerate launch` with the FSDP and DeepSpeed ZeRO-2 / ZeRO-3 configs of examples/accelerate, 2 CPU processes
+(gloo), through the plain transformers `Trainer` with `DareCallback`: DARE's thresholds and the trained weights
+agree on both ranks, a rank whose tokens skip experts does not hang ZeRO-3 (each MoE block is a ZeRO-3 leaf
+module) or FSDP, and the saved folder reloads with `trust_remote_code`. accelerate enables FSDP only on GPU-class
+devices; on CPU the worker sets its state to FSDP before training (`accelerate_worker.fsdp_on_cpu`), and the rest
+is accelerate's FSDP2 path as on GPUs."""
 
 import json
 import os
@@ -55,13 +55,20 @@ def launch(config: str, model_dir: Path, out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config, stage", [("zero2.yaml", 2), ("zero3.yaml", 3)])
-def test_deepspeed_zero_trains_dare_identically_on_both_ranks_and_saves(model_dir, tmp_path, config, stage):
+@pytest.mark.parametrize(
+    "config, distributed_type, stage",
+    [("zero2.yaml", "DEEPSPEED", 2), ("zero3.yaml", "DEEPSPEED", 3), ("fsdp.yaml", "FSDP", None)],
+)
+def test_accelerate_trains_dare_identically_on_both_ranks_and_saves(
+    model_dir, tmp_path, config, distributed_type, stage
+):
     ranks = launch(config, model_dir, tmp_path / "run")
     first, second = ranks
     assert [(r["world_size"], r["distributed_type"], r["zero_stage"]) for r in ranks] == [
-        (2, "DistributedType.DEEPSPEED", stage)
+        (2, f"DistributedType.{distributed_type}", stage)
     ] * 2
+    if distributed_type == "FSDP":  # every parameter is sharded (a DTensor) by the config's FSDP2 wrapping
+        assert first["sharded_parameters"] == len(list(MoEForCausalLM.from_pretrained(model_dir).parameters()))
     # Rank 1's repeated token sends every token to the same experts: the others get nothing there.
     assert min(first["first_forward_expert_tokens"]) > 0 and 0 in second["first_forward_expert_tokens"]
     if stage == 3:

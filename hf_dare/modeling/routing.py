@@ -100,6 +100,13 @@ def current_routing_context() -> RoutingContext | None:
     return _ACTIVE_ROUTING.get()
 
 
+def observing() -> bool:
+    """Whether the forward in progress asks the routers to keep what they see for their per-step state update
+    (DARE's difficulties, ReMoE's gate counts): in training, and not in an activation-checkpoint recomputation."""
+    context = current_routing_context()
+    return context is not None and context.observe and context.record
+
+
 @contextmanager
 def routing_context(context: RoutingContext) -> Iterator[RoutingContext]:
     """Make `context` the one the MoE blocks see until the block exits (per thread, nestable)."""
@@ -454,8 +461,7 @@ class DareRouter(TopKRouter):
     ) -> Routing:
         router_logits, router_probs = self.router_probs(hidden_states)
         difficulty = self.difficulty(hidden_states, router_probs)
-        context = current_routing_context()
-        if context is not None and context.observe and context.record:
+        if observing():
             self.threshold_tracker.observe(difficulty, token_mask)
         expert_counts = self.threshold_tracker.expert_counts(difficulty)
         routing = self.route(
@@ -628,8 +634,7 @@ class ReMoERouter(TopKRouter):
         active = gates > 0
         top_gates, top_indices = torch.topk(gates, self.num_experts, dim=-1)
         unused = top_gates <= 0
-        context = current_routing_context()
-        if context is not None and context.observe and context.record:
+        if observing():
             self.observe(active, token_mask)
         return Routing(
             router_logits=router_logits,

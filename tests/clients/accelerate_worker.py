@@ -20,7 +20,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from hf_dare.training import DareCallback
-from tests.training.helpers import DIGIT_BASE, as_dataset, digits_tensors
+from tests.training.helpers import DIGIT_BASE, as_dataset, dare_thresholds, digits_tensors
 
 STEPS = 3
 
@@ -45,20 +45,12 @@ def full_parameters(model) -> dict[str, list[float]]:
     return fingerprint((name, p.full_tensor() if hasattr(p, "full_tensor") else p) for name, p in params)
 
 
-def thresholds(model) -> dict[str, list[float]]:
-    return {
-        str(block.layer_idx): block.gate.threshold_tracker.thresholds.tolist()
-        for block in model.moe_blocks
-        if hasattr(block.gate, "threshold_tracker")
-    }
-
-
 class Recorder(TrainerCallback):
     def __init__(self):
         self.thresholds = []
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.thresholds.append(thresholds(model))
+        self.thresholds.append(dare_thresholds(model))
 
 
 def rank_dataset(rank: int, num_samples: int = 8):

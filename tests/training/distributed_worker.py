@@ -18,15 +18,7 @@ from transformers import Trainer, TrainerCallback
 
 import hf_dare
 from hf_dare.training import DareCallback, RoutingMetricsCallback
-from tests.training.helpers import as_dataset, digits_tensors, training_args
-
-
-def thresholds(model) -> dict[str, list[float]]:
-    return {
-        str(block.layer_idx): block.gate.threshold_tracker.thresholds.tolist()
-        for block in model.moe_blocks
-        if hasattr(block.gate, "threshold_tracker")
-    }
+from tests.training.helpers import as_dataset, dare_thresholds, digits_tensors, training_args
 
 
 class Recorder(TrainerCallback):
@@ -35,7 +27,7 @@ class Recorder(TrainerCallback):
         self.thresholds = []
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.thresholds.append(thresholds(model))
+        self.thresholds.append(dare_thresholds(model))
         if state.global_step == 1 and state.is_world_process_zero:
             torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, self.out_dir / "step1.pt")
 
@@ -95,7 +87,7 @@ def run_fsdp(model_dir: Path, out_dir: Path, rank: int) -> dict:
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        before = thresholds(model)
+        before = dare_thresholds(model)
         local = [d[out.token_mask].detach() for d in out.difficulty]
         everything = []
         for values in local:
@@ -103,7 +95,7 @@ def run_fsdp(model_dir: Path, out_dir: Path, rank: int) -> dict:
             dist.all_gather(gathered, values)
             everything.append(torch.cat(gathered))
         model.update_difficulty_thresholds()
-        after = thresholds(model)
+        after = dare_thresholds(model)
         for (layer, old), values in zip(before.items(), everything, strict=True):
             target = torch.cummax(torch.quantile(values, levels), 0).values
             expected = gamma * torch.tensor(old) + (1 - gamma) * target

@@ -67,6 +67,30 @@ def training_args(output_dir, **overrides) -> MoETrainingArguments:
     return MoETrainingArguments(**kwargs)
 
 
+def sgd_step_args(output_dir, batch_size: int, accumulation: int, **overrides) -> MoETrainingArguments:
+    """One plain SGD step (lr 0.5, no clipping) over `batch_size` x `accumulation` samples: the weights after it
+    compare gradient-accumulation settings."""
+    return training_args(
+        output_dir,
+        max_steps=1,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        optim="sgd",
+        learning_rate=0.5,
+        max_grad_norm=0.0,
+        **overrides,
+    )
+
+
+def dare_thresholds(model) -> dict[str, list[float]]:
+    """{MoE layer: DARE's thresholds} of every DARE layer of `model`."""
+    return {
+        str(block.layer_idx): block.gate.threshold_tracker.thresholds.tolist()
+        for block in model.moe_blocks
+        if hasattr(block.gate, "threshold_tracker")
+    }
+
+
 def write_llava_data(folder: Path, records: list[dict], num_images: int = 3) -> Path:
     """Save `num_images` real digit images as PNG under `folder/images` and `records` as `folder/data.json`."""
     (folder / "images").mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from transformers.integrations import TensorBoardCallback
 import hf_dare
 from hf_dare.training import DareCallback, MoETrainer, RoutingMetricsCallback
 from tests.tiny_models import moe_config
-from tests.training.helpers import as_dataset, digits_tensors, training_args
+from tests.training.helpers import as_dataset, digits_tensors, sgd_step_args, training_args
 
 
 def dare_model(**overrides) -> hf_dare.MoEForCausalLM:
@@ -21,15 +21,7 @@ def dare_model(**overrides) -> hf_dare.MoEForCausalLM:
 def one_sgd_step(tmp_path, trainer_class, batch_size: int, accumulation: int, **overrides) -> dict:
     """The weights after one SGD step over the same 8 sequences, cut into `accumulation` micro-batches."""
     model = dare_model(**overrides)
-    args = training_args(
-        tmp_path / f"{trainer_class.__name__}-{accumulation}",
-        max_steps=1,
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=accumulation,
-        optim="sgd",
-        learning_rate=0.5,
-        max_grad_norm=0.0,
-    )
+    args = sgd_step_args(tmp_path / f"{trainer_class.__name__}-{accumulation}", batch_size, accumulation)
     callbacks = [DareCallback()] if trainer_class is Trainer else None
     trainer_class(model=model, args=args, train_dataset=as_dataset(digits_tensors(8)), callbacks=callbacks).train()
     return {name: param.detach().clone() for name, param in model.named_parameters()}

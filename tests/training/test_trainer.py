@@ -24,6 +24,7 @@ from tests.training.helpers import (
     digits_tensors,
     llava_records,
     sentence_tensors,
+    sgd_step_args,
     training_args,
     write_llava_data,
 )
@@ -195,15 +196,7 @@ def test_gradient_accumulation_counts_routing_losses_once(tmp_path):
     weights = []
     for batch_size, accumulation in ((4, 1), (2, 2)):
         model = dare_model(router_aux_loss_coef=0.0)
-        args = training_args(
-            tmp_path / str(accumulation),
-            max_steps=1,
-            per_device_train_batch_size=batch_size,
-            gradient_accumulation_steps=accumulation,
-            optim="sgd",
-            learning_rate=0.5,
-            max_grad_norm=0.0,
-        )
+        args = sgd_step_args(tmp_path / str(accumulation), batch_size, accumulation)
         MoETrainer(model=model, args=args, train_dataset=data).train()
         weights.append(dict(model.named_parameters()))
     initial = dict(dare_model(router_aux_loss_coef=0.0).named_parameters())

@@ -279,7 +279,21 @@ def summarise(runs: list[dict]) -> dict[str, dict]:
             else:
                 entry[key] = _stats([m[key] for m in metrics])
         summary[name] = entry
+    if "top_k" in summary:
+        for name, entry in summary.items():
+            entry["accuracy_vs_top_k"] = _stats(paired_differences(runs, name, "top_k", "accuracy"))
     return summary
+
+
+def paired_differences(runs: list[dict], name: str, baseline: str, metric: str) -> list[float]:
+    """`metric` of `name` minus that of `baseline` with the same seed (same router seed and data order), for the
+    seeds both ran: what the seeds have in common cancels, unlike in the difference of two means."""
+    by_seed = {run["seed"]: run["metrics"][metric] for run in runs if run["variant"] == baseline}
+    return [
+        run["metrics"][metric] - by_seed[run["seed"]]
+        for run in runs
+        if run["variant"] == name and run["seed"] in by_seed
+    ]
 
 
 def _pm(stat: dict, digits: int = 3) -> str:
@@ -307,6 +321,9 @@ def markdown(results: dict) -> str:
         f"Task `{results['task']}` ({results['size']['train_samples']} train / {results['size']['test_samples']} test"
         f" samples), stage-3 steps {results['size']['steps'][2]}, batch {results['size']['batch_size']}, seeds "
         f"{results['seeds']}; values are mean ± std (sample std over the seeds that ran, n in the table); "
+        "Δ vs top_k: accuracy minus Top-2's with the same seed (paired: same router seed and data order), mean ± "
+        f"std; one accuracy on {results['size']['test_samples']} test questions has a binomial standard error of "
+        f"about {math.sqrt(0.25 / results['size']['test_samples']):.3f} or less; "
         "FLOPs per token from `hf_dare.flops` (2 N_A + attention over the mean causal context). "
         f"Tokens/s: batched greedy generation (16 prompts x 16 new tokens), every model timed after all training, "
         f"one after another. Runtime {results['seconds'] / 60:.1f} min ({results['jobs']} training job(s) at once). "
@@ -318,12 +335,14 @@ def markdown(results: dict) -> str:
             continue
         if group == "ablation" and "dare" in summary:
             names = ["dare", *names]
-        header = ["variant", "n", "accuracy", *types, "Avg K", "text", "vision", "N_A", "MFLOPs/token", "tokens/s"]
+        header = ["variant", "n", "accuracy", "Δ vs top_k", *types, "Avg K", "text", "vision", "N_A", "MFLOPs/token",
+                  "tokens/s"]  # fmt: skip
         header += [f"{k} exp." for k in range(NUM_EXPERTS + 1)]
         lines += ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         for name in names:
             s = summary[name]
             row = [f"`{name}`", str(len(s["seeds"])), _pm(s["accuracy"])]
+            row += [_pm(s["accuracy_vs_top_k"], 3) if "accuracy_vs_top_k" in s else "-"]
             row += [_pm(s["accuracy_by_type"][t], 2) if t in s["accuracy_by_type"] else "-" for t in types]
             row += [_pm(s["avg_k"], 2), _pm(s["avg_k_text"], 2), _pm(s["avg_k_vision"], 2)]
             row += [f"{s['activated_parameters']['mean']:,.0f}", _pm(_mega(s["gflops_per_token"]), 3)]
@@ -375,7 +394,7 @@ def _pyplot():
 def plot_frontier(results: dict, path: Path) -> Path:
     """Accuracy vs Avg K: one point per variant (error bars: std over seeds), and the DARE dial curve."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(9.5, 5))
     palettes = {"router": plt.get_cmap("tab10").colors, "ablation": plt.get_cmap("Dark2").colors}
     seen = {"router": 0, "ablation": 0}
     for name, s in results["summary"].items():
@@ -406,7 +425,7 @@ def plot_frontier(results: dict, path: Path) -> Path:
     ax.set(xlabel="Avg K on the test split (experts per token)", ylabel="accuracy (test)")
     ax.set_title(f"Accuracy vs compute, {results['task']} task (mean ± std over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the points spread everywhere
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -61,6 +61,19 @@ def test_summary_is_mean_and_sample_std_over_the_seeds_that_ran():
     assert summary["a"]["accuracy"]["std"] == pytest.approx(statistics.stdev([0.5, 0.7, 0.9]))
     assert summary["a"]["by"]["x"]["n"] == 3 and summary["a"]["shares"][1]["mean"] == pytest.approx(0.3)
     assert summary["b"]["accuracy"] == {"mean": 0.4, "std": 0.0, "n": 1}
+    assert "accuracy_vs_top_k" not in summary["a"]  # no Top-2 runs to pair with
+
+
+def test_paired_difference_with_top2_uses_the_same_seed():
+    study = load_example("router_study")
+    runs = [{"variant": "top_k", "seed": s, "metrics": {"accuracy": acc}} for s, acc in ((0, 0.5), (1, 0.8))]
+    runs += [{"variant": "dare", "seed": s, "metrics": {"accuracy": acc}} for s, acc in ((1, 0.9), (0, 0.6), (2, 0.1))]
+    summary = study.summarise(runs)
+    assert summary["dare"]["accuracy_vs_top_k"]["mean"] == pytest.approx(0.1)  # seeds 0 and 1; seed 2 has no pair
+    assert summary["dare"]["accuracy_vs_top_k"]["n"] == 2 and summary["dare"]["accuracy_vs_top_k"][
+        "std"
+    ] == pytest.approx(0)
+    assert summary["top_k"]["accuracy_vs_top_k"]["mean"] == 0
 
 
 @pytest.mark.slow

@@ -112,20 +112,26 @@ def decoder_layers(model: MoEForCausalLM) -> list[torch.nn.Module]:
 
 class ScheduledDifficulty(torch.nn.Module):
     """Runs DARE's real predictor, then replaces its output (T,) by a schedule: of the tokens seen so far, an
-    evenly spread fraction `hard_fraction` gets difficulty 1, the others 0 (made on the host: one small tensor)."""
+    evenly spread fraction `hard_fraction` gets difficulty 1, the others 0 (sliced from a precomputed table, so
+    the schedule itself costs next to nothing)."""
 
-    def __init__(self, predictor: torch.nn.Module, hard_fraction: float):
+    def __init__(self, predictor: torch.nn.Module, hard_fraction: float, length: int = 1 << 16):
         super().__init__()
         self.predictor = predictor
         self.hard_fraction = hard_fraction
         self.seen = 0
+        self.schedule = self._hard(0, length)
+
+    def _hard(self, start: int, stop: int) -> torch.Tensor:
+        f = self.hard_fraction
+        return torch.tensor([float(math.floor((i + 1) * f) > math.floor(i * f)) for i in range(start, stop)])
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         predicted = self.predictor(hidden_states)
-        start, fraction = self.seen, self.hard_fraction
-        self.seen += predicted.shape[0]
-        hard = [math.floor((i + 1) * fraction) > math.floor(i * fraction) for i in range(start, self.seen)]
-        return torch.tensor(hard, dtype=predicted.dtype, device=predicted.device)
+        start, self.seen = self.seen, self.seen + predicted.shape[0]
+        if self.seen > self.schedule.numel():
+            self.schedule = torch.cat([self.schedule, self._hard(self.schedule.numel(), 2 * self.seen)])
+        return self.schedule[start : self.seen].to(predicted.dtype)
 
 
 def schedule_dare(model: MoEForCausalLM, avg_k: float) -> None:

@@ -6,6 +6,7 @@ import statistics
 
 import pytest
 
+from hf_dare.modeling.configuration_moe_llava import ROUTERS
 from tests.test_digits_vqa import load_example
 
 METRICS = (
@@ -80,11 +81,14 @@ def test_paired_difference_with_top2_uses_the_same_seed():
 def test_quick_study_writes_tables_json_and_plots(tmp_path):
     study = load_example("router_study")
     report = tmp_path / "report"
-    assert study.main(["--quick", "--out", str(tmp_path / "work"), "--report-dir", str(report)]) == 0
+    routers = ",".join(ROUTERS)
+    argv = ["--quick", "--routers", routers, "--ablations", "all", "--jobs", "2", "--out", str(tmp_path / "work")]
+    assert study.main([*argv, "--report-dir", str(report)]) == 0
     assert {"results.json", "results.md", "frontier.png", "avg_k_by_layer.png"} <= {p.name for p in report.iterdir()}
     results = json.loads((report / "results.json").read_text())
     ran = {run["variant"] for run in results["runs"]}
-    assert ran == {"top_k", "dare"} == set(results["summary"]) == set(results["variants"])
+    every = set(ROUTERS) | {variant.name for variant in study.ABLATIONS}  # every router upcycles: none skipped
+    assert ran == every == set(results["summary"]) == set(results["variants"]) and not results["skipped"]
     for run in results["runs"]:
         assert set(METRICS) <= set(run["metrics"]), run["variant"]
         metrics = run["metrics"]
@@ -106,4 +110,5 @@ def test_quick_study_writes_tables_json_and_plots(tmp_path):
         assert point["calibration_avg_k"] == pytest.approx(point["target_avg_k"], abs=0.02)
     assert dial[0]["avg_k"] == pytest.approx(1.0)
     markdown = (report / "results.md").read_text()
-    assert "| `dare` |" in markdown and "Compute dial" in markdown and "frontier.png" in markdown
+    assert "| `dare` |" in markdown and "| `moepp` |" in markdown and "| `dare_pi_inverse` |" in markdown
+    assert "Compute dial" in markdown and "frontier.png" in markdown and "Δ vs top_k" in markdown

@@ -82,7 +82,7 @@ def test_quick_study_writes_tables_json_and_plots(tmp_path):
     study = load_example("router_study")
     report = tmp_path / "report"
     routers = ",".join(ROUTERS)
-    argv = ["--quick", "--routers", routers, "--ablations", "all", "--jobs", "2", "--out", str(tmp_path / "work")]
+    argv = ["--quick", "--routers", routers, "--ablations", "all", "--out", str(tmp_path / "work")]
     assert study.main([*argv, "--report-dir", str(report)]) == 0
     assert {"results.json", "results.md", "frontier.png", "avg_k_by_layer.png"} <= {p.name for p in report.iterdir()}
     results = json.loads((report / "results.json").read_text())

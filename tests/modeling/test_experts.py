@@ -11,6 +11,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from hf_dare import MoEForCausalLM
 from hf_dare.modeling import experts as experts_module
+from hf_dare.modeling.configuration_moe_llava import ROUTERS
 from hf_dare.modeling.experts import TOKEN_LOOP_MAX_TOKENS, sentinel_safe_routing
 from hf_dare.modeling.modeling_moe_llava import MoEBlock
 from tests import tiny_models
@@ -186,3 +187,40 @@ def test_no_private_transformers_attribute_is_set():
     source = "\n".join(path.read_text() for path in package.rglob("*.py"))
     assert "_is_expert_parallel" not in source
     assert not re.search(r"\._experts_implementation(_internal)?\s*=[^=]", source)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_decoding_with_each_kernel_gives_eager_tokens_and_scores_for_every_router(router):
+    """Greedy decoding (one token per sequence per step: the token loop under `hf_dare` on CPU) with every kernel
+    gives eager's tokens and step scores, for every router, with a variable number of experts per token."""
+    torch.manual_seed(0)
+    overrides = {"top_p_threshold": 0.6} if router == "top_p" else {}  # at 0.9999 every token takes all 4
+    model = MoEForCausalLM(tiny_models.moe_config(router=router, **overrides)).eval()
+    for param in model.parameters():  # larger weights than the init, sharper routers: routing varies by token
+        torch.nn.init.normal_(param, std=0.2)
+    for block in model.moe_blocks:
+        torch.nn.init.normal_(block.gate.weight, std=1.0)
+    prompt = tiny_models.random_batch(model.config, batch_size=2, seq_len=5)["input_ids"]
+    if router == "dare":  # thresholds at the quartiles of the prompt's difficulties: 1-4 experts
+        with torch.no_grad():
+            predicted = model(input_ids=prompt).difficulty
+        for block, difficulty in zip(model.moe_blocks, predicted, strict=True):
+            block.gate.threshold_tracker.thresholds.copy_(torch.quantile(difficulty, torch.tensor([0.25, 0.5, 0.75])))
+    counts = []
+    model.register_forward_hook(lambda module, args, output: counts.append(output.expert_counts))
+
+    def decode(implementation: str):
+        model.set_experts_implementation(implementation)
+        counts.clear()
+        with torch.no_grad():
+            out = model.generate(prompt, max_new_tokens=6, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True, output_routing_statistics=True)  # fmt: skip
+        return out.sequences, torch.stack(out.scores), torch.cat([c.flatten() for step in counts for c in step])
+
+    tokens, scores, used = decode("eager")
+    if router not in ("top_k", "ltdr"):  # (LTDR varies on vision tokens only: this model has none)
+        assert used.min() < used.max()  # a variable number of experts per token: sentinels in play
+    for implementation in IMPLEMENTATIONS[1:]:
+        other_tokens, other_scores, _ = decode(implementation)
+        assert torch.equal(other_tokens, tokens), implementation
+        torch.testing.assert_close(other_scores, scores, atol=1e-4, rtol=1e-4, msg=implementation)

@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts: timing, thread setup, and forcing DARE's Avg K."""
 
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -27,15 +28,16 @@ def setup_threads(threads: int) -> str:
     return f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}"
 
 
-def time_side_by_side(cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Best (minimum) seconds per call of each case over `repeats`. Repeats are interleaved across the cases
-    (round robin) so a slow phase of a shared machine hits every case alike; the minimum is the least
-    disturbed run (other jobs only ever add time)."""
+def time_side_by_side(cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> list[dict[str, float]]:
+    """Seconds per call of each case, one dict per round over `repeats` rounds. The cases are interleaved
+    within each round (round robin) so a slow phase of a shared machine hits every case alike; compare cases
+    within a round (`median_of`), never a favourable minimum."""
     for _ in range(warmup):
         for fn in cases.values():
             fn()
-    times = {name: [] for name in cases}
+    rounds = []
     for _ in range(repeats):
+        times = {}
         for name, fn in cases.items():
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
@@ -43,8 +45,15 @@ def time_side_by_side(cases: dict[str, Callable[[], object]], repeats: int, warm
             fn()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
-    return {name: min(values) for name, values in times.items()}
+            times[name] = time.perf_counter() - start
+        rounds.append(times)
+    return rounds
+
+
+def median_of(rounds: list[dict[str, float]], value: Callable[[dict[str, float]], float]) -> float:
+    """The median over rounds of `value(round)`: a case's seconds (`lambda t: t["a"]`) or a ratio of two cases
+    timed in the same round (`lambda t: t["a"] / t["b"]`)."""
+    return statistics.median(value(times) for times in rounds)
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _common import DTYPES, force_dare_avg_k, keep_freed_memory, setup_threads, time_side_by_side
+from _common import DTYPES, force_dare_avg_k, keep_freed_memory, median_of, setup_threads, time_side_by_side
 from torch import nn
 from transformers import Qwen2Config, Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeMLP, Qwen3MoeSparseMoeBlock
@@ -256,6 +256,7 @@ def run_implementation(args, modules, implementation: str, num_tokens: int, dtyp
 
 
 def print_results(implementation: str, result: dict) -> None:
+    """Times and ratios: medians over the interleaved rounds, each ratio taken within a round."""
     forward, train, avg_k = result["forward"], result["train"], result["avg_k"]
     labels = {
         "top2": "ours, Top-2",
@@ -265,13 +266,18 @@ def print_results(implementation: str, result: dict) -> None:
         "dense_qwen": "dense FFN (Qwen3MoeMLP)",
         "transformers": "transformers Qwen3-MoE, top-2",
     }
-    print(f"\n## experts implementation: {implementation} ({result['tokens']} tokens)")
+
+    def ms(rounds, name: str) -> float:
+        return median_of(rounds, lambda t: t[name]) * 1e3
+
+    print(
+        f"\n## experts implementation: {implementation} ({result['tokens']} tokens; medians of {len(forward)} rounds)"
+    )
     print(f"| {'layer':<34} | {'Avg K':>5} | {'fwd ms':>9} | {'train ms':>9} |")
     print(f"|{'-' * 36}|{'-' * 7}|{'-' * 11}|{'-' * 11}|")
     for name, label in labels.items():
-        k = f"{avg_k[name]:.3f}" if name != "dare" else f"{avg_k['dare']:.3f}"
-        train_ms = f"{train[name] * 1e3:9.1f}" if train else f"{'-':>9}"
-        print(f"| {label:<34} | {k:>5} | {forward[name] * 1e3:9.1f} | {train_ms} |")
+        train_ms = f"{ms(train, name):9.1f}" if train else f"{'-':>9}"
+        print(f"| {label:<34} | {avg_k[name]:5.3f} | {ms(forward, name):9.1f} | {train_ms} |")
     print(f"(DARE Avg K in training mode, predictor dropout on: {result['avg_k_train']:.3f}; "
           f"ours vs transformers max |diff| = {result['max_diff']:.2e})")  # fmt: skip
 
@@ -283,13 +289,18 @@ def print_results(implementation: str, result: dict) -> None:
         ("DARE / same routing w/o predictor", lambda t: t["dare"] / t["fixed"], "<= 1.05 (train)"),
         ("dense fused / dense Qwen3MoeMLP", lambda t: t["dense"] / t["dense_qwen"], ""),
     ]
-    print(f"\n| {'ratio':<34} | {'fwd':>6} | {'train':>6} | target |")
-    print(f"|{'-' * 36}|{'-' * 8}|{'-' * 8}|--------|")
-    for label, ratio, target in rows:
-        train_ratio = f"{ratio(train):6.3f}" if train else f"{'-':>6}"
-        print(f"| {label:<34} | {ratio(forward):6.3f} | {train_ratio} | {target} |")
 
-    baselines = [name for name in BASELINES if name in forward]
+    def spread(rounds, ratio) -> str:
+        values = sorted(ratio(t) for t in rounds)
+        return f"{median_of(rounds, ratio):6.3f} [{values[0]:.3f}-{values[-1]:.3f}]"
+
+    print(f"\n| {'ratio (median [min-max] of per-round ratios)':<44} | {'fwd':>20} | {'train':>20} | target |")
+    print(f"|{'-' * 46}|{'-' * 22}|{'-' * 22}|--------|")
+    for label, ratio, target in rows:
+        train_ratio = f"{spread(train, ratio):>20}" if train else f"{'-':>20}"
+        print(f"| {label:<44} | {spread(forward, ratio):>20} | {train_ratio} | {target} |")
+
+    baselines = [name for name in BASELINES if name in forward[0]]
     if not baselines:
         return
     print(f"\n| {'baseline router':<34} | {'Avg K':>5} | {'fwd ms':>9} | {'train ms':>9} | {'fwd / (K*dense)':>15} "
@@ -297,11 +308,12 @@ def print_results(implementation: str, result: dict) -> None:
     print(f"|{'-' * 36}|{'-' * 7}|{'-' * 11}|{'-' * 11}|{'-' * 17}|{'-' * 19}|--------|")
     for name in baselines:
         k = avg_k[name]
-        ideal_fwd, ideal_train = k * forward["dense"], k * train["dense"] if train else None
-        train_ms = f"{train[name] * 1e3:9.1f}" if train else f"{'-':>9}"
-        train_ratio = f"{train[name] / ideal_train:17.3f}" if train else f"{'-':>17}"
-        print(f"| {BASELINES[name]:<34} | {k:5.3f} | {forward[name] * 1e3:9.1f} | {train_ms} "
-              f"| {forward[name] / ideal_fwd:15.3f} | {train_ratio} | <= 1.25 |")  # fmt: skip
+        train_ms = f"{ms(train, name):9.1f}" if train else f"{'-':>9}"
+        over_ideal = lambda t, name=name, k=k: t[name] / (k * t["dense"])  # noqa: E731
+        fwd_ratio = median_of(forward, over_ideal)
+        train_ratio = f"{median_of(train, over_ideal):17.3f}" if train else f"{'-':>17}"
+        print(f"| {BASELINES[name]:<34} | {k:5.3f} | {ms(forward, name):9.1f} | {train_ms} "
+              f"| {fwd_ratio:15.3f} | {train_ratio} | <= 1.25 |")  # fmt: skip
 
 
 def main() -> None:

@@ -789,6 +789,10 @@ def breakdown(args, models, sizes) -> None:
     gap_rows.append(("timing noise (measured step - sum of the rows)", (d_step - d_sum) - (t_step - t_sum), ""))
     for label, value, note in gap_rows:
         print(f"  {value:+7.2f} ms  {label}{'  (' + note + ')' if note else ''}")
+    print(
+        f"time-based ideal (Top-2's step with its expert time scaled by Avg K/2): {time_ideal:.2f} ms, speedup "
+        f"{t_step / time_ideal:.3f}; realised {share_of_ideal(speedup, t_step / time_ideal):.0%} of that saving"
+    )
 
     moe_layers = len(micro.blocks)
     print("\n### micro-timings for a leaner decode path (ms per decoding step, all MoE layers, batch 1)")

@@ -6,6 +6,7 @@ themselves in `build_parser` through a `add_<name>_command(subparsers)` function
 """
 
 import argparse
+import json
 import sys
 
 from .modeling.configuration_moe_llava import ROUTERS
@@ -58,6 +59,23 @@ def _router(text: str) -> str | dict[int, str]:
         return {int(layer): name for layer, name in (part.split(":") for part in text.split(",") if part.strip())}
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected LAYER:ROUTER pairs like 0:top_k,2:dare, got {text!r}") from None
+
+
+def _setting(text: str) -> tuple[str, object]:
+    """An argparse `type` for `--set FIELD=VALUE`: VALUE is read as JSON (numbers, true / false, null, lists),
+    else kept as text."""
+    from .conversion.upcycle import SETTABLE_FIELDS
+
+    field, equals, value = text.partition("=")
+    field = field.strip()
+    if not equals or field not in SETTABLE_FIELDS:
+        raise argparse.ArgumentTypeError(
+            f"expected FIELD=VALUE with FIELD one of {', '.join(SETTABLE_FIELDS)}; got {text!r}"
+        )
+    try:
+        return field, json.loads(value)
+    except json.JSONDecodeError:
+        return field, value
 
 
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
@@ -115,6 +133,16 @@ def add_upcycle_command(subparsers) -> None:
     )
     parser.add_argument("--top-k", type=int, default=2, help="experts per token for top_k / ltdr (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the new routers")
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        type=_setting,
+        default=[],
+        metavar="FIELD=VALUE",
+        help="any other MoE config field, repeatable: e.g. --set top_p_threshold=0.4 --set remoe_target_sparsity=0.6 "
+        "(VALUE read as JSON, else text; the config checks it)",
+    )
     _add_output_options(parser)
     parser.set_defaults(run=_run_upcycle)
 
@@ -137,6 +165,7 @@ def _run_upcycle(args) -> str:
         router_layers=args.router_layers,
         other_router=args.other_router,
         difficulty_proxy=args.difficulty_proxy,
+        **dict(args.settings),
     )
 
 

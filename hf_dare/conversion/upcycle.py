@@ -5,6 +5,7 @@ With identical experts and routing weights that sum to 1 per token, the upcycled
 dense model did, whatever the router (MoE-LLaVA's sparse upcycling).
 """
 
+import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -149,6 +150,13 @@ def _router_arguments(config: MoEConfigBase) -> list:
     return ["--router", ",".join(f"{i}:{name}" for i, name in config.routers.items())]
 
 
+# MoE config fields that `hf-dare upcycle --set FIELD=VALUE` gives: all but those with options of their own and those
+# hf-dare records itself.
+_OWN_OPTIONS = {"text_config", "num_experts", "moe_layers", "router", "num_experts_per_tok", "target_distribution",
+                "difficulty_proxy", "training_stages", "routing_statistics", "tie_word_embeddings"}  # fmt: skip
+SETTABLE_FIELDS = tuple(name for name in MoEConfigBase.__annotations__ if name not in _OWN_OPTIONS)
+
+
 def upcycle_command(src: str | Path, out: Path, config: MoEConfigBase, seed: int) -> str:
     """The `hf-dare upcycle` command that gives `config` (recorded in its `training_stages`)."""
     experts, top_k = config.num_experts, config.num_experts_per_tok
@@ -158,6 +166,13 @@ def upcycle_command(src: str | Path, out: Path, config: MoEConfigBase, seed: int
         command += f" --target-distribution {','.join(map(str, config.target_distribution))}"
         if config.difficulty_proxy != "nll":
             command += f" --difficulty-proxy {config.difficulty_proxy}"
+    # `--set` for every other field that differs from what the options above alone give (derived fields included).
+    own = {name: getattr(config, name) for name in _OWN_OPTIONS - {"training_stages", "routing_statistics"}}
+    plain = type(config)(**own)
+    for field in SETTABLE_FIELDS:
+        value = getattr(config, field)
+        if value != getattr(plain, field):
+            command += f" --set {field}={json.dumps(value, separators=(',', ':'))}"
     return command
 
 

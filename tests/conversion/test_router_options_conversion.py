@@ -193,3 +193,30 @@ def test_upcycle_into_the_baseline_routers(dense_dirs, tmp_path, router, capsys)
     loss.backward()
     assert torch.isfinite(loss)
     assert model.model.layers[model.config.moe_layers[0]].mlp.gate.weight.grad.abs().sum() > 0
+
+
+def test_cli_set_gives_any_moe_config_field_and_the_recorded_command_repeats_it(dense_dirs, tmp_path, capsys):
+    src, out = str(dense_dirs["qwen2"]), tmp_path / "set"
+    argv = ["upcycle", src, str(out), "--router", "remoe", "--set", "remoe_target_sparsity=0.6",
+            "--set", "remoe_load_balancing=false"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    assert config["remoe_target_sparsity"] == 0.6 and config["remoe_load_balancing"] is False
+    command = shlex.split(config["training_stages"][-1]["description"])
+    assert "remoe_target_sparsity=0.6" in command and "remoe_load_balancing=false" in command
+    assert not any(arg.startswith(("initial_thresholds=", "max_experts=")) for arg in command)  # derived: not set
+    again = tmp_path / "again"
+    assert main([*command[1:3], str(again), *command[4:]]) == 0
+    repeated = json.loads((again / "config.json").read_text())
+    assert {k: repeated[k] for k in ("router", "remoe_target_sparsity", "remoe_load_balancing")} == {
+        k: config[k] for k in ("router", "remoe_target_sparsity", "remoe_load_balancing")
+    }
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # not a field: argparse's refusal, listing the fields
+        main(["upcycle", src, str(tmp_path / "bad"), "--set", "top_p=0.5"])
+    assert "top_p_threshold" in capsys.readouterr().err
+    bad = tmp_path / "bad_value"  # a field with a bad value: the config's own message, nothing left behind
+    assert main(["upcycle", src, str(bad), "--router", "top_p", "--set", "top_p_threshold=2"]) != 0
+    error = capsys.readouterr().err
+    assert "top_p_threshold" in error and "usage:" not in error and not bad.exists()

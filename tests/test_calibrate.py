@@ -12,7 +12,7 @@ from hf_dare.cli import main
 from hf_dare.training import MoETrainer
 from tests.modeling.test_remote_code import run_without_hf_dare
 from tests.tiny_models import SPECIAL_TOKENS, WORDS, moe_config, tokenizer
-from tests.training.helpers import as_dataset, sentence_tensors, training_args
+from tests.training.helpers import as_dataset, expert_shares, sentence_tensors, training_args
 
 M = 4
 
@@ -54,10 +54,6 @@ def routed(model, batches) -> list[torch.Tensor]:
     model.eval()
     counts = [model(**batch).expert_counts for batch in batches]
     return [torch.cat([c[layer].flatten() for c in counts]) for layer in range(len(counts[0]))]
-
-
-def shares(counts: torch.Tensor, width: int = M) -> list[float]:
-    return (torch.bincount(counts, minlength=width + 1)[1:].double() / counts.numel()).tolist()
 
 
 def test_distribution_for_avg_k_has_the_mean_and_stays_close_to_pi():
@@ -120,7 +116,7 @@ def test_calibrate_hits_the_requested_shares(trained):
     target = [0.6, 0.3, 0.09, 0.01]
     hf_dare.calibrate(model, batches, target_distribution=target)
     for counts in routed(model, batches):
-        assert shares(counts) == pytest.approx(target, abs=0.02)
+        assert expert_shares(counts, M) == pytest.approx(target, abs=0.02)
     thresholds = [b.gate.threshold_tracker.thresholds for b in model.moe_blocks]
     assert all((t[1:] > t[:-1]).all() for t in thresholds)
     # Each layer gets its own thresholds, from its own predictions.

@@ -153,6 +153,29 @@ def random_batch(config, batch_size: int = 2, seq_len: int = 12, seed: int = 0) 
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
 
 
+def randomise(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
+    """Every parameter of `module` drawn from N(0, scale^2) with its own generator (larger than the init:
+    routers whose choices differ from token to token)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    return module
+
+
+def calibrate_thresholds(model, batch: dict) -> None:
+    """One per-batch threshold update on `batch` (a training-mode forward observes the difficulties): DARE's
+    thresholds at the quantiles of Pi on that batch; the model is left in eval mode."""
+    from hf_dare.training.callbacks import set_threshold_update_mode
+
+    set_threshold_update_mode(model, per_batch=True)
+    model.train()
+    with torch.no_grad():
+        model(**batch)
+    model.update_difficulty_thresholds()
+    model.eval()
+
+
 def save_tiny_processor(path: str | Path, tower: str = "clip") -> LlavaProcessor:
     proc = processor(tower)
     proc.save_pretrained(path)

@@ -13,7 +13,6 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 from hf_dare.cli import main
 from hf_dare.conversion import ConversionError, import_moellava, upcycle
 from hf_dare.flops import activated_parameters
-from hf_dare.training.callbacks import set_threshold_update_mode
 from tests import tiny_models
 
 from .test_import_moellava import original_checkpoint
@@ -56,12 +55,7 @@ def test_mixed_upcycle_computes_the_dense_model_and_reports_avg_k_per_layer(dens
     torch.testing.assert_close(logits_of(moe, batch), logits_of(dense, batch), atol=1e-5, rtol=0)
 
     # Thresholds at the quantiles of Pi: DARE layers now route 1..4 experts, still computing the dense model.
-    set_threshold_update_mode(moe, per_batch=True)
-    moe.train()
-    with torch.no_grad():
-        moe(**batch)
-    moe.update_difficulty_thresholds()
-    moe.eval()
+    tiny_models.calibrate_thresholds(moe, batch)
     torch.testing.assert_close(logits_of(moe, batch), logits_of(dense, batch), atol=1e-5, rtol=0)
     with torch.no_grad():
         outputs = moe(**batch)

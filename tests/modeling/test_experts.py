@@ -196,9 +196,8 @@ def test_decoding_with_each_kernel_gives_eager_tokens_and_scores_for_every_route
     torch.manual_seed(0)
     overrides = {"top_p_threshold": 0.6} if router == "top_p" else {}  # at 0.9999 every token takes all 4
     model = MoEForCausalLM(tiny_models.moe_config(router=router, **overrides)).eval()
-    for param in model.parameters():  # larger weights than the init, sharper routers: routing varies by token
-        torch.nn.init.normal_(param, std=0.2)
-    for block in model.moe_blocks:
+    tiny_models.randomise(model)
+    for block in model.moe_blocks:  # sharper routers (the weight only): routing that varies by token
         torch.nn.init.normal_(block.gate.weight, std=1.0)
     prompt = tiny_models.random_batch(model.config, batch_size=2, seq_len=5)["input_ids"]
     if router == "dare":  # thresholds at the quartiles of the prompt's difficulties: 1-4 experts

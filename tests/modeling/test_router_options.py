@@ -14,37 +14,18 @@ from hf_dare import MoEBlock, MoEForCausalLM
 from hf_dare.flops import activated_parameters
 from hf_dare.modeling.routing import DareRouter, TopKRouter, load_balancing_loss, within_capacity
 from hf_dare.training import MoETrainer
-from hf_dare.training.callbacks import set_threshold_update_mode
 from hf_dare.training.metrics import RoutingMetrics
-from tests.tiny_models import moe_config, random_batch
-from tests.training.helpers import as_dataset, digits_tensors, training_args
+from tests.tiny_models import calibrate_thresholds, moe_config, random_batch, randomise
+from tests.training.helpers import as_dataset, digits_tensors, expert_shares, training_args
 
 HIDDEN, EXPERTS = 32, 4
 PI = [0.6, 0.3, 0.09, 0.01]
-
-
-def seeded(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * scale)
-    return module
 
 
 def dense_weights(indices: torch.Tensor, weights: torch.Tensor, num_experts: int = EXPERTS) -> torch.Tensor:
     """(T, K) routing with sentinel slots -> (T, E) weight of each expert per token."""
     dense = torch.zeros(indices.shape[0], num_experts + 1, dtype=weights.dtype)
     return dense.scatter_add(1, indices, weights)[:, :num_experts]
-
-
-def calibrate_thresholds(model, batch: dict) -> None:
-    """One per-batch threshold update on `batch` (a training-mode forward observes the difficulties)."""
-    set_threshold_update_mode(model, per_batch=True)
-    model.train()
-    with torch.no_grad():
-        model(**batch)
-    model.update_difficulty_thresholds()
-    model.eval()
 
 
 # DARE's difficulty proxies
@@ -90,8 +71,7 @@ def test_proxy_expert_fractions_reach_target_distribution(tmp_path, proxy):
     with torch.no_grad():
         out = model(**data)
     for counts in out.expert_counts:
-        fractions = torch.bincount(counts.flatten(), minlength=5)[1:].double() / counts.numel()
-        assert fractions.tolist() == pytest.approx(PI, abs=0.05)
+        assert expert_shares(counts) == pytest.approx(PI, abs=0.05)
 
 
 @pytest.mark.parametrize("proxy", ["random", "router_entropy"])
@@ -196,7 +176,7 @@ def deepspeed_top2gating(logits: torch.Tensor, capacity_factor: float, min_capac
 
 def top2_block(**options) -> MoEBlock:
     config = moe_config(router="top_k", **options)
-    block = seeded(MoEBlock(config, layer_idx=0))
+    block = randomise(MoEBlock(config, layer_idx=0))
     with torch.no_grad():
         block.gate.weight.mul_(10)  # sharp routing: some experts overflow their capacity
     return block
@@ -323,7 +303,7 @@ def test_invalid_router_options_name_the_field(options, field):
 @pytest.mark.parametrize("normalize", [True, False])
 def test_norm_topk_prob(router, normalize):
     config = moe_config(router=router, norm_topk_prob=normalize)
-    block = seeded(MoEBlock(config, layer_idx=0)).eval()
+    block = randomise(MoEBlock(config, layer_idx=0)).eval()
     if router == "dare":
         block.gate.threshold_tracker.thresholds.copy_(torch.tensor([-1.0, 0.0, 100.0]))  # 3 experts
     with torch.no_grad():  # identical experts: the output is (sum of the weights) * the expert's output

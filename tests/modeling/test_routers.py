@@ -19,7 +19,7 @@ from tests.modeling.test_batch_invariance import (
 )
 from tests.modeling.test_modeling_moe_llava import image_batch
 from tests.modeling.test_remote_code import run_without_hf_dare
-from tests.tiny_models import TEXT_FAMILIES, llava_config, moe_config, random_batch
+from tests.tiny_models import TEXT_FAMILIES, llava_config, moe_config, random_batch, randomise
 
 BASELINES = ("top_p", "remoe", "dynmoe", "moepp")
 BACKBONES = (*TEXT_FAMILIES, "llava")
@@ -37,14 +37,6 @@ def batch_for(model, **kwargs) -> dict:
     if isinstance(model, MoELlavaForConditionalGeneration):
         return image_batch(model.config, **kwargs)
     return random_batch(model.config, **kwargs)
-
-
-def randomise(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * scale)
-    return module
 
 
 def experts_output(block: MoEBlock, token: torch.Tensor, expert_idx: int) -> torch.Tensor:

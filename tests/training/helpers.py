@@ -82,6 +82,11 @@ def sgd_step_args(output_dir, batch_size: int, accumulation: int, **overrides) -
     )
 
 
+def expert_shares(counts: torch.Tensor, num_experts: int = 4) -> list[float]:
+    """(B, L) experts used per token -> the shares of tokens using 1..`num_experts` experts."""
+    return (torch.bincount(counts.flatten(), minlength=num_experts + 1)[1:].double() / counts.numel()).tolist()
+
+
 def dare_thresholds(model) -> dict[str, list[float]]:
     """{MoE layer: DARE's thresholds} of every DARE layer of `model`."""
     return {

@@ -50,6 +50,16 @@ def time_side_by_side(cases: dict[str, Callable[[], object]], repeats: int, warm
     return rounds
 
 
+def spread(values: list[float]) -> dict:
+    """Median, min, max and quartiles (q1, q3) of `values`."""
+    ordered = sorted(values)
+    if len(ordered) >= 2:
+        q1, median, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+    else:
+        q1 = median = q3 = ordered[0]
+    return {"median": median, "min": ordered[0], "max": ordered[-1], "q1": q1, "q3": q3}
+
+
 def median_of(rounds: list[dict[str, float]], value: Callable[[dict[str, float]], float]) -> float:
     """The median over rounds of `value(round)`: a case's seconds (`lambda t: t["a"]`) or a ratio of two cases
     timed in the same round (`lambda t: t["a"] / t["b"]`)."""

@@ -51,7 +51,7 @@ from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
-from _common import DTYPES, keep_freed_memory, setup_threads
+from _common import DTYPES, keep_freed_memory, setup_threads, spread
 from transformers import Qwen2Config
 
 from hf_dare import MoECausalLMConfig, MoEForCausalLM
@@ -392,15 +392,6 @@ def interleaved(models: dict, probes: dict, input_ids, new_tokens: int, repeats:
             if on_run is not None:
                 on_run(name, probes[name])
     return tokens_per_s
-
-
-def spread(values: list[float]) -> dict:
-    ordered = sorted(values)
-    if len(ordered) >= 2:
-        q1, median, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
-    else:
-        q1 = median = q3 = ordered[0]
-    return {"median": median, "min": ordered[0], "max": ordered[-1], "q1": q1, "q3": q3}
 
 
 class Collector:
@@ -841,8 +832,9 @@ class PlainTop2Block(torch.nn.Module):
 def with_plain_top2_blocks(top2: MoEForCausalLM) -> MoEForCausalLM:
     """A copy of the Top-2 model whose MoE blocks are `PlainTop2Block`s over the same (copied) weights."""
     plain = copy.deepcopy(top2)
+    blocks = moe_blocks(plain)
     for layer in decoder_layers(plain):
-        if layer.mlp in moe_blocks(plain):
+        if layer.mlp in blocks:
             layer.mlp = PlainTop2Block(layer.mlp)
     plain._moe_blocks = None  # the model's cached list of its MoE blocks: now none
     return plain

@@ -20,7 +20,15 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _common import DTYPES, force_dare_avg_k, keep_freed_memory, median_of, setup_threads, time_side_by_side
+from _common import (
+    DTYPES,
+    force_dare_avg_k,
+    keep_freed_memory,
+    median_of,
+    setup_threads,
+    spread,
+    time_side_by_side,
+)
 from torch import nn
 from transformers import Qwen2Config, Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeMLP, Qwen3MoeSparseMoeBlock
@@ -290,15 +298,15 @@ def print_results(implementation: str, result: dict) -> None:
         ("dense fused / dense Qwen3MoeMLP", lambda t: t["dense"] / t["dense_qwen"], ""),
     ]
 
-    def spread(rounds, ratio) -> str:
-        values = sorted(ratio(t) for t in rounds)
-        return f"{median_of(rounds, ratio):6.3f} [{values[0]:.3f}-{values[-1]:.3f}]"
+    def ratio_spread(rounds, ratio) -> str:
+        s = spread([ratio(t) for t in rounds])
+        return f"{s['median']:6.3f} [{s['min']:.3f}-{s['max']:.3f}]"
 
     print(f"\n| {'ratio (median [min-max] of per-round ratios)':<44} | {'fwd':>20} | {'train':>20} | target |")
     print(f"|{'-' * 46}|{'-' * 22}|{'-' * 22}|--------|")
     for label, ratio, target in rows:
-        train_ratio = f"{spread(train, ratio):>20}" if train else f"{'-':>20}"
-        print(f"| {label:<44} | {spread(forward, ratio):>20} | {train_ratio} | {target} |")
+        train_ratio = f"{ratio_spread(train, ratio):>20}" if train else f"{'-':>20}"
+        print(f"| {label:<44} | {ratio_spread(forward, ratio):>20} | {train_ratio} | {target} |")
 
     baselines = [name for name in BASELINES if name in forward[0]]
     if not baselines:

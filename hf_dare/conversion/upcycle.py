@@ -150,11 +150,12 @@ def _router_arguments(config: MoEConfigBase) -> list:
     return ["--router", ",".join(f"{i}:{name}" for i, name in config.routers.items())]
 
 
-# MoE config fields that `hf-dare upcycle --set FIELD=VALUE` gives: all but those with options of their own and those
-# hf-dare records itself.
-_OWN_OPTIONS = {"text_config", "num_experts", "moe_layers", "router", "num_experts_per_tok", "target_distribution",
-                "difficulty_proxy", "training_stages", "routing_statistics", "tie_word_embeddings"}  # fmt: skip
-SETTABLE_FIELDS = tuple(name for name in MoEConfigBase.__annotations__ if name not in _OWN_OPTIONS)
+# MoE config fields that `hf-dare upcycle --set FIELD=VALUE` gives: all but those the source checkpoint and the
+# command's own options decide, and those hf-dare records itself.
+_DECIDED = ("text_config", "tie_word_embeddings", "num_experts", "moe_layers", "router", "num_experts_per_tok",
+            "target_distribution", "difficulty_proxy")  # fmt: skip
+_RECORDED = ("training_stages", "routing_statistics")
+SETTABLE_FIELDS = tuple(name for name in MoEConfigBase.__annotations__ if name not in _DECIDED + _RECORDED)
 
 
 def upcycle_command(src: str | Path, out: Path, config: MoEConfigBase, seed: int) -> str:
@@ -167,8 +168,7 @@ def upcycle_command(src: str | Path, out: Path, config: MoEConfigBase, seed: int
         if config.difficulty_proxy != "nll":
             command += f" --difficulty-proxy {config.difficulty_proxy}"
     # `--set` for every other field that differs from what the options above alone give (derived fields included).
-    own = {name: getattr(config, name) for name in _OWN_OPTIONS - {"training_stages", "routing_statistics"}}
-    plain = type(config)(**own)
+    plain = type(config)(**{name: getattr(config, name) for name in _DECIDED})
     for field in SETTABLE_FIELDS:
         value = getattr(config, field)
         if value != getattr(plain, field):

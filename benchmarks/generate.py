@@ -205,27 +205,21 @@ class DecodeProbe:
             self.seconds["forward"] += time.perf_counter() - self._forward_start
 
     def _watch_experts(self, experts: torch.nn.Module, position: int, timing: bool) -> None:
-        active = []  # non-empty while a call is in progress (a kernel may call the experts' forward again)
-
-        def enter(top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
-            active.append(time.perf_counter() if not active else None)
-            if len(active) == 1 and self.decoding:
-                # A slot is used when it names an expert with a nonzero weight: kernels that cannot skip the
-                # sentinel get it as a weight-0 slot of the last expert.
-                used = (top_k_index < self.num_experts) & (top_k_weights != 0)
-                self.indices.append((self.forwards, position, torch.where(used, top_k_index, self.num_experts)))
-
-        def leave() -> None:
-            start = active.pop()
-            if start is not None and timing and self.decoding:
-                self.seconds["experts"] += time.perf_counter() - start
+        started = [0.0]
 
         def pre(module, args, kwargs):
             values = {**dict(zip(("hidden_states", "top_k_index", "top_k_weights"), args, strict=False)), **kwargs}
-            enter(values["top_k_index"], values["top_k_weights"])
+            started[0] = time.perf_counter()
+            if self.decoding:
+                # A slot is used when it names an expert with a nonzero weight: kernels that cannot skip the
+                # sentinel get it as a weight-0 slot of the last expert.
+                index, weights = values["top_k_index"], values["top_k_weights"]
+                used = (index < self.num_experts) & (weights != 0)
+                self.indices.append((self.forwards, position, torch.where(used, index, self.num_experts)))
 
         def post(module, args, kwargs, output):
-            leave()
+            if timing and self.decoding:
+                self.seconds["experts"] += time.perf_counter() - started[0]
 
         self.handles.append(experts.register_forward_pre_hook(pre, with_kwargs=True))
         self.handles.append(experts.register_forward_hook(post, with_kwargs=True))
@@ -270,7 +264,7 @@ class DecodeProbe:
         if self.decode_steps and not self.indices:
             raise RuntimeError(
                 "no expert routing recorded on decoding steps: the MoE blocks call their experts some other way "
-                "than `experts(...)` or `experts.decode_forward(...)`; update DecodeProbe"
+                "than `experts(...)`; update DecodeProbe"
             )
         return self.indices
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .modeling.configuration_moe_llava import is_distribution
 from .modeling.statistics import avg_k, avg_k_per_layer, avg_k_sums
 
 # Routers whose compute can be dialled after training, and what moves.
@@ -216,13 +217,11 @@ def _check_target(avg_k: float | None, target_distribution: Sequence[float] | No
         raise ValueError("calibrate: give exactly one of avg_k and target_distribution")
     if avg_k is not None and not (isinstance(avg_k, (int, float)) and math.isfinite(avg_k)):
         raise ValueError(f"avg_k: got {avg_k!r}; allowed: a finite number")
-    if target_distribution is not None:
-        pi = [float(p) for p in target_distribution]
-        if not pi or any(not math.isfinite(p) or p < 0 for p in pi) or abs(sum(pi) - 1.0) > 1e-4:
-            raise ValueError(
-                f"target_distribution: {list(target_distribution)} sums to {sum(pi):.6g}; allowed: non-negative "
-                "shares of tokens using 1..M experts that sum to 1"
-            )
+    if target_distribution is not None and not is_distribution(target_distribution):
+        raise ValueError(
+            f"target_distribution: {list(target_distribution)} sums to {sum(map(float, target_distribution)):.6g}; "
+            "allowed: non-negative shares of tokens using 1..M experts that sum to 1"
+        )
 
 
 def _dialled_routers(routers: dict[int, str]) -> tuple[str, list[int]]:

@@ -6,6 +6,7 @@ the MoE layout and the router settings. Every setting is validated when the conf
 
 import dataclasses
 import inspect
+import math
 
 import transformers
 
@@ -45,6 +46,12 @@ AUX_LOSS_FRACTIONS = ("routed_slots", "top1")
 AUX_LOSS_REDUCTIONS = ("mean", "sum")
 # The DARE paper's target distribution for Qwen2-1.5B with 4 experts.
 DEFAULT_TARGET_DISTRIBUTION = (0.6, 0.3, 0.09, 0.01)
+
+
+def is_distribution(values) -> bool:
+    """Whether `values` are shares of tokens (Pi): at least one, each finite and >= 0, summing to 1 (within 1e-4)."""
+    values = [float(v) for v in values]
+    return bool(values) and all(math.isfinite(v) and v >= 0 for v in values) and abs(sum(values) - 1.0) <= 1e-4
 
 
 class MoEConfigBase(PreTrainedConfig):
@@ -240,7 +247,7 @@ class MoEConfigBase(PreTrainedConfig):
             fail(
                 "max_experts", f"got {self.max_experts} with num_experts={self.num_experts}", f"1..{self.num_experts}"
             )
-        if any(p < 0 for p in pi) or abs(sum(pi) - 1.0) > 1e-4:
+        if not is_distribution(pi):
             fail("target_distribution", f"{pi} sums to {sum(pi):.6g}", "non-negative values that sum to 1")
         taus = self.initial_thresholds
         if len(taus) != self.max_experts - 1:

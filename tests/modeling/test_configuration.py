@@ -49,6 +49,7 @@ BAD_SETTINGS = [
     ({"target_distribution": [0.5, 0.3, 0.1, 0.05]}, "target_distribution"),
     ({"target_distribution": [0.7, 0.3], "max_experts": 3}, "target_distribution"),
     ({"target_distribution": [-0.1, 0.6, 0.5]}, "target_distribution"),
+    ({"target_distribution": [float("nan"), 0.5, 0.3, 0.2]}, "target_distribution"),
     ({"target_distribution": [0.2] * 5}, "max_experts"),
     ({"initial_thresholds": [0.0, 2.0, 1.0]}, "initial_thresholds"),
     ({"initial_thresholds": [0.0, 0.0, 1.0]}, "initial_thresholds"),

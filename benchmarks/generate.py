@@ -107,7 +107,7 @@ def router_of(block: torch.nn.Module) -> torch.nn.Module:
 
 
 def decoder_layers(model: MoEForCausalLM) -> list[torch.nn.Module]:
-    return list(model.model.layers)
+    return list(model.get_decoder().layers)
 
 
 class ScheduledDifficulty(torch.nn.Module):
@@ -240,11 +240,12 @@ class DecodeProbe:
 
     def _add_timers(self) -> None:
         model = self.model
-        self._time(model.model, "decoder")
+        decoder = model.get_decoder()
+        self._time(decoder, "decoder")
         self._time(model.lm_head, "lm_head")
         for name in ("embed_tokens", "rotary_emb", "norm"):  # the decoder's own modules, where it has them
-            if isinstance(getattr(model.model, name, None), torch.nn.Module):
-                self._time(getattr(model.model, name), name)
+            if isinstance(getattr(decoder, name, None), torch.nn.Module):
+                self._time(getattr(decoder, name), name)
         blocks = {id(block) for block in self.blocks}
         for layer in decoder_layers(model):
             self._time(layer, "layers")

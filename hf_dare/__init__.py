@@ -6,7 +6,7 @@ own code and load with `trust_remote_code=True` where hf_dare is not installed.
 """
 
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from .calibration import calibrate
 from .legacy import register_legacy_model_types
@@ -21,6 +21,7 @@ from .modeling import (
     MoELlavaConfig,
     MoELlavaForConditionalGeneration,
     MoELlavaModel,
+    MoEModel,
     MoEOutputWithPast,
     Routing,
     ThresholdTracker,
@@ -33,7 +34,9 @@ __version__ = "0.1.0"
 # Namespaced model types (`hf_dare_*`): no upstream model can collide with them, so no `exist_ok`.
 AutoConfig.register(MoECausalLMConfig.model_type, MoECausalLMConfig)
 AutoModelForCausalLM.register(MoECausalLMConfig, MoEForCausalLM)
+AutoModel.register(MoECausalLMConfig, MoEModel)
 AutoConfig.register(MoELlavaConfig.model_type, MoELlavaConfig)
+AutoModel.register(MoELlavaConfig, MoELlavaModel)
 AutoModelForImageTextToText.register(MoELlavaConfig, MoELlavaForConditionalGeneration)
 if hasattr(transformers, "AutoModelForVision2Seq"):  # removed in transformers 5
     transformers.AutoModelForVision2Seq.register(MoELlavaConfig, MoELlavaForConditionalGeneration)
@@ -56,6 +59,7 @@ __all__ = [
     "MoELlavaConfig",
     "MoELlavaForConditionalGeneration",
     "MoELlavaModel",
+    "MoEModel",
     "MoEOutputWithPast",
     "Routing",
     "ThresholdTracker",

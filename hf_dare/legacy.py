@@ -14,6 +14,12 @@ from .modeling import MoECausalLMConfig, MoEForCausalLM, MoELlavaConfig, MoELlav
 
 LEGACY_MODEL_TYPES = {"moe_causal_lm": MoECausalLMConfig, "moe_llava": MoELlavaConfig}
 LEGACY_KEY_RENAMES = {r"\.mlp\.router\.": ".mlp.gate."}
+# The causal LM's decoder, saved at `model.layers.*`, sits in the base model's `language_model` (as the current
+# model type's own renaming does).
+LAYOUT_RENAMES = {
+    "moe_causal_lm": {r"^model.(embed_tokens|layers|norm).": r"model.language_model.\1."},
+    "moe_llava": {},
+}
 
 
 def _legacy_config(model_type: str, current: type) -> type:
@@ -21,13 +27,13 @@ def _legacy_config(model_type: str, current: type) -> type:
     return type(f"Legacy{current.__name__}", (current,), {"model_type": model_type})
 
 
-def _register_weight_renames(class_name: str) -> None:
+def _register_weight_renames(class_name: str, model_type: str) -> None:
     try:
         from transformers.conversion_mapping import register_checkpoint_conversion_mapping
         from transformers.core_model_loading import WeightRenaming
     except ImportError:  # pragma: no cover - transformers without conversion mappings
         return
-    renames = [WeightRenaming(old, new) for old, new in LEGACY_KEY_RENAMES.items()]
+    renames = [WeightRenaming(old, new) for old, new in {**LEGACY_KEY_RENAMES, **LAYOUT_RENAMES[model_type]}.items()]
     register_checkpoint_conversion_mapping(class_name, renames, overwrite=True)
 
 
@@ -50,7 +56,7 @@ def _legacy_model(current: type, config_class: type) -> type:
         (current,),
         {"config_class": config_class, "from_pretrained": classmethod(from_pretrained)},
     )
-    _register_weight_renames(legacy.__name__)
+    _register_weight_renames(legacy.__name__, config_class.model_type)
     return legacy
 
 

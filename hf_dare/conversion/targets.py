@@ -4,6 +4,7 @@ device, so nothing is allocated), freshly initialised routers, and the config + 
 from pathlib import Path
 
 import torch
+from transformers.core_model_loading import revert_weight_conversion
 from transformers.dynamic_module_utils import custom_object_save
 
 from ..modeling import MoECausalLMConfig, MoEConfigBase, MoEForCausalLM, MoELlavaForConditionalGeneration
@@ -32,16 +33,16 @@ def meta_model(config: MoEConfigBase) -> torch.nn.Module:
 
 
 def expected_tensors(model: torch.nn.Module) -> tuple[dict[str, tuple[int, ...]], list[str]]:
-    """Names and shapes of the tensors the checkpoint of `model` holds, and those that may be absent
-    (the LM head when tied to the input embeddings)."""
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    """Names (as saved: `save_pretrained` reverses the model's weight renamings) and shapes of the tensors the
+    checkpoint of `model` holds, and those that may be absent (the LM head when tied to the input embeddings)."""
+    saved = revert_weight_conversion(model, model.state_dict())
+    expected = {name: tuple(t.shape) for name, t in saved.items()}
     optional = ["lm_head.weight"] if model.config.tie_word_embeddings else []
     return expected, optional
 
 
-def text_prefix(config: MoEConfigBase) -> str:
-    """Where the decoder's tensors live in the target checkpoint."""
-    return "model." if isinstance(config, MoECausalLMConfig) else "model.language_model."
+# Where the decoder's tensors live in the target checkpoints (both models: the base model's `language_model`).
+TEXT_PREFIX = "model.language_model."
 
 
 def router_plan(
@@ -55,7 +56,7 @@ def router_plan(
     text = config.text_config
     hidden = text.hidden_size
     std = getattr(text, "initializer_range", 0.02)
-    p = f"{text_prefix(config)}layers.{layer_idx}.mlp.gate."
+    p = f"{TEXT_PREFIX}layers.{layer_idx}.mlp.gate."
     router_class = ROUTER_CLASSES[config.router_for(layer_idx)]
     if hasattr(router_class, "init_router_weights"):
         return baseline_router_plan(router_class, config, p, dtype, seed, anchor, std)

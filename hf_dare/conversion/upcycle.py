@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedConfig
 from ..modeling import MoECausalLMConfig, MoEConfigBase, MoELlavaConfig
 from .checkpoint import CheckpointReader, ConversionError, copy_side_files, rename_by_rules, resolve_source
 from .plan import PlannedTensor, check_plan, copy_of, in_reading_order, stacked, stacked_gate_up
-from .targets import expected_tensors, meta_model, router_plan, save_config_and_code, text_prefix
+from .targets import TEXT_PREFIX, expected_tensors, meta_model, router_plan, save_config_and_code
 from .writer import check_output_folder, command_line, staged_output, write_model_card, write_plan
 
 FFN_NAMES = ("gate_proj", "up_proj", "down_proj")
@@ -31,6 +31,8 @@ LLAVA_RENAMES = DROPPED_KEYS + [
     (r"^multi_modal_projector\.", "model.multi_modal_projector."),
     (r"^model\.vision_tower\.vision_model\.", "model.vision_tower."),
 ]
+# A dense causal LM's decoder (`model.*`) -> the MoE causal LM's, in its base model's `language_model`.
+CAUSAL_LM_RENAMES = DROPPED_KEYS + [(r"^model\.", TEXT_PREFIX)]
 
 
 def check_gated_ffn_decoder(text_config: PreTrainedConfig) -> None:
@@ -82,7 +84,7 @@ def moe_config_for(source_config: PreTrainedConfig, **moe_settings) -> MoEConfig
 def upcycle_plan(reader: CheckpointReader, config: MoEConfigBase, seed: int = 0) -> list[PlannedTensor]:
     """Every input tensor copied, except the FFNs of `config.moe_layers`, which become E stacked experts and a
     new router. Raises `ConversionError` naming a missing FFN tensor or one that fits nowhere."""
-    prefix = text_prefix(config)
+    prefix = TEXT_PREFIX
     moe_ffn = re.compile(rf"^{re.escape(prefix)}layers\.(\d+)\.mlp\.({'|'.join(FFN_NAMES)})\.weight$")
     moe_layers = set(config.moe_layers)
     plan = []
@@ -218,11 +220,11 @@ def upcycle(
         settings["router"] = layer_routers(layout.moe_layers, router, router_layers, other_router)
     config = moe_config_for(source_config, **settings)
     is_llava = isinstance(config, MoELlavaConfig)
-    reader = CheckpointReader(src_dir, allow_pickle, rename_by_rules(LLAVA_RENAMES if is_llava else DROPPED_KEYS))
+    reader = CheckpointReader(src_dir, allow_pickle, rename_by_rules(LLAVA_RENAMES if is_llava else CAUSAL_LM_RENAMES))
     plan = upcycle_plan(reader, config, seed)
     model = meta_model(config)
     expected, optional = expected_tensors(model)
-    check_plan(plan, expected, type(model).__name__ + f" ({config.text_config.model_type})", optional)
+    check_plan(plan, expected, type(model).__name__ + f" ({config.decoder_model_type})", optional)
 
     previous_stages = getattr(source_config, "training_stages", None) or []
     config.training_stages = [

@@ -7,6 +7,7 @@ from .modeling_moe_llava import (
     MoEForCausalLM,
     MoELlavaForConditionalGeneration,
     MoELlavaModel,
+    MoEModel,
     MoEOutputWithPast,
     MoEPreTrainedModel,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "MoELlavaConfig",
     "MoELlavaForConditionalGeneration",
     "MoELlavaModel",
+    "MoEModel",
     "MoEOutputWithPast",
     "MoEPlusPlusRouter",
     "MoEPreTrainedModel",

@@ -1,7 +1,10 @@
 """Configurations of the MoE models: a text-only MoE causal LM and MoE-LLaVA.
 
-Both wrap transformers' own backbone configs (`text_config`, and `vision_config` for MoE-LLaVA) and add
-the MoE layout and the router settings. Every setting is validated when the config is built.
+Both add the MoE layout and the router settings to a transformers decoder's config: MoE-LLaVA nests it (and
+the vision tower's) as `text_config` / `vision_config`, as transformers' `LlavaConfig` does; the causal LM
+holds the decoder's fields at its top level, as a text-only model's config does (Qwen3-MoE's, and what
+vLLM's and SGLang's transformers backends take for a text-only model). Every setting is validated when the
+config is built.
 """
 
 import dataclasses
@@ -105,7 +108,6 @@ class MoEConfigBase(PreTrainedConfig):
     - `training_stages` / `routing_statistics`: what training recorded, shown in the saved model card.
     """
 
-    text_config: dict | PreTrainedConfig | None = None
     num_experts: int = 4
     moe_layers: list[int] | None = None
     moe_intermediate_size: int | None = None
@@ -161,6 +163,8 @@ class MoEConfigBase(PreTrainedConfig):
             for name in fields:
                 setattr(self, name, kwargs.pop(name, getattr(type(self), name)))
             self.__post_init__(**kwargs)
+
+    sub_configs_defaults = {}  # MoE-LLaVA's text and vision configs; none for the causal LM
 
     if not NATIVE_SUB_CONFIG_SPECS:  # transformers < 5.20
 
@@ -402,18 +406,62 @@ class MoEConfigBase(PreTrainedConfig):
 
 
 class MoECausalLMConfig(MoEConfigBase):
-    r"""Text-only MoE causal LM: a transformers decoder (`text_config`: Qwen2, Qwen3, StableLM, Llama...)
-    whose `moe_layers` FFNs are MoE layers. See `MoEConfigBase` for the MoE settings.
+    r"""Text-only MoE causal LM: a transformers decoder (Qwen2, Qwen3, StableLM, Llama...) whose `moe_layers`
+    FFNs are MoE layers. See `MoEConfigBase` for the MoE settings.
+
+    The decoder's fields (`hidden_size`, `num_hidden_layers`, `rope_parameters`...) sit at the top level beside
+    the MoE settings, and `decoder_model_type` names the decoder (`"qwen2"`...); `text_config` is the config
+    itself. Give the decoder as `text_config=` (a config, or a dict with its `model_type`), or its fields as
+    keyword arguments with `decoder_model_type`; missing fields take that decoder's defaults.
 
     ```python
     >>> from transformers import Qwen2Config
     >>> config = MoECausalLMConfig(text_config=Qwen2Config(num_hidden_layers=4), router="dare")
-    >>> config.moe_layers
-    [0, 2]
+    >>> config.moe_layers, config.num_hidden_layers, config.decoder_model_type
+    ([0, 2], 4, 'qwen2')
     ```"""
 
     model_type = "hf_dare_moe_causal_lm"  # namespaced: no upstream model type can collide with it
-    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2")}
+    decoder_model_type: str = "qwen2"
+
+    def __post_init__(self, **kwargs):
+        text_config = kwargs.pop("text_config", None)
+        if isinstance(text_config, MoECausalLMConfig):
+            text_config = text_config.decoder_config()
+        elif text_config is None:  # flat: the decoder's fields are among the keyword arguments
+            fields = {name: value for name, value in kwargs.items() if name != "model_type"}
+            text_config = CONFIG_MAPPING[self.decoder_model_type](**fields)
+        elif isinstance(text_config, dict):
+            text_config = CONFIG_MAPPING[text_config.get("model_type", self.decoder_model_type)](**text_config)
+        self.decoder_model_type = text_config.model_type
+        decoder_fields = self._decoder_fields(text_config)
+        decoder_ties = decoder_fields.pop("tie_word_embeddings", False)
+        self.tie_word_embeddings = bool(self.tie_word_embeddings or decoder_ties)
+        super().__post_init__(**{**kwargs, **decoder_fields})
+
+    @property
+    def text_config(self) -> "MoECausalLMConfig":
+        """The decoder's settings: this config itself (what `get_text_config()` returns)."""
+        return self
+
+    @staticmethod
+    def _decoder_fields(decoder: PreTrainedConfig) -> dict:
+        """A decoder config's own fields: those that `PreTrainedConfig` and the MoE settings do not have."""
+        generic = set(PreTrainedConfig().to_dict()) | set(MoEConfigBase.__annotations__) - {"tie_word_embeddings"}
+        return {name: value for name, value in decoder.to_dict().items() if name not in generic}
+
+    def decoder_config(self) -> PreTrainedConfig:
+        """The decoder's own config (a `Qwen2Config`...) with this config's decoder fields."""
+        return CONFIG_MAPPING[self.decoder_model_type](**self._decoder_fields(self))
+
+    # The decoder's parallel plans: its modules read them from this config, which they are built with.
+    @property
+    def base_model_tp_plan(self) -> dict | None:
+        return CONFIG_MAPPING[self.decoder_model_type].base_model_tp_plan
+
+    @property
+    def base_model_pp_plan(self) -> dict | None:
+        return CONFIG_MAPPING[self.decoder_model_type].base_model_pp_plan
 
 
 class MoELlavaConfig(MoEConfigBase):
@@ -427,6 +475,7 @@ class MoELlavaConfig(MoEConfigBase):
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2"),
     }
 
+    text_config: dict | PreTrainedConfig | None = None
     vision_config: dict | PreTrainedConfig | None = None
     image_token_id: int = 151646
     image_seq_length: int = 576
@@ -448,6 +497,11 @@ class MoELlavaConfig(MoEConfigBase):
                 "allowed: 'default' (drop the CLS token) or 'full'."
             )
         super().__post_init__(**kwargs)
+
+    @property
+    def decoder_model_type(self) -> str:
+        """The decoder's model type (`"qwen2"`...), as on `MoECausalLMConfig`."""
+        return self.text_config.model_type
 
 
 __all__ = ["MoECausalLMConfig", "MoELlavaConfig"]

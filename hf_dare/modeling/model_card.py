@@ -111,7 +111,8 @@ def _heading(config) -> list[str]:
     """`# model type: decoder + tower, experts and router` (`dense` for a dense LLaVA), then a blank line."""
     tower = f" + {config.vision_config.model_type} vision tower" if _is_multimodal(config) else ""
     what = f"{config.num_experts} experts, {_router_text(config)}" if _is_moe(config) else "dense"
-    return ["", f"# {config.model_type}: {config.text_config.model_type} decoder{tower}, {what}", ""]
+    decoder = getattr(config, "decoder_model_type", None) or config.text_config.model_type  # MoE or dense LLaVA
+    return ["", f"# {config.model_type}: {decoder} decoder{tower}, {what}", ""]
 
 
 def _introduction(config, made_from: str | None, how: str | None) -> list[str]:

@@ -1,10 +1,11 @@
-"""MoE models with dynamic routing (Top-K, DARE, LTDR): a text-only causal LM and MoE-LLaVA.
+"""MoE models with dynamic routing (Top-K, DARE, LTDR...): a text-only causal LM and MoE-LLaVA.
 
-The decoders and vision towers are transformers' own classes built with `AutoModel.from_config`; the FFN
-of every layer in `config.moe_layers` is replaced by an `MoEBlock` (`gate`: the router, `experts`: the
-experts on transformers' experts interface, see `experts.py`). The outer model opens a `RoutingContext` for
-each forward: the blocks read this forward's token masks from it and leave their `Routing` in it, from which
-the model computes the routing losses and statistics.
+The decoders and vision towers are transformers' own classes (`AutoModel`'s for their config); the FFN of
+every layer in `config.moe_layers` is replaced by an `MoEBlock` (`gate`: the router, `experts`: the experts on
+transformers' experts interface, see `experts.py`). In both models the decoder is the base model's
+`language_model`, as in transformers' LLaVA. The outer model opens a `RoutingContext` for each forward: the
+blocks read this forward's token masks from it and leave their `Routing` in it, from which the model computes
+the routing losses and statistics.
 """
 
 import dataclasses
@@ -21,6 +22,8 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.integrations import use_experts_implementation
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from transformers.models.llava.modeling_llava import (
     LlavaForConditionalGeneration,
     LlavaModel,
@@ -48,7 +51,11 @@ from .statistics import expert_load
 
 # This file travels with every checkpoint and runs on every transformers 5.x; before 5.6 the CLIP / SigLIP
 # vision towers sit in a `vision_model` submodule.
-TRANSFORMERS_BEFORE_5_6 = tuple(int(part) for part in transformers.__version__.split(".")[:2]) < (5, 6)
+TRANSFORMERS_VERSION = tuple(int(part) for part in transformers.__version__.split(".")[:2])
+TRANSFORMERS_BEFORE_5_6 = TRANSFORMERS_VERSION < (5, 6)
+# From 5.7 transformers checks an experts implementation's name against its experts interface, where hf-dare's
+# kernels are registered; before, only against its own names.
+EXPERTS_INTERFACE_NAMES_KERNELS = TRANSFORMERS_VERSION >= (5, 7)
 if TRANSFORMERS_BEFORE_5_6:
     from transformers.conversion_mapping import register_checkpoint_conversion_mapping
     from transformers.core_model_loading import WeightRenaming
@@ -143,7 +150,7 @@ def install_moe_blocks(language_model: nn.Module, config: MoEConfigBase) -> None
     layers = getattr(language_model, "layers", None)
     if layers is None or not all(hasattr(layer, "mlp") for layer in layers):
         raise ValueError(
-            f"{type(language_model).__name__} ({config.text_config.model_type}) has no `layers[i].mlp` to replace; "
+            f"{type(language_model).__name__} has no `layers[i].mlp` to replace; "
             "supported decoders are those with that layout (Qwen2, Qwen3, StableLM, Llama, Mistral...)."
         )
     for layer_idx in config.moe_layers:
@@ -286,8 +293,11 @@ class MoEModelMixin:
             self.activation_checkpointing_enable(gradient_checkpointing_kwargs, *args, **kwargs)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        # The device default when none is asked for (see `experts.default_experts_implementation`).
-        requested_experts = requested_experts or default_experts_implementation()
+        # The device default when none is asked for (see `experts.default_experts_implementation`). Before 5.7 the
+        # causal LM's decoder, built on the same config, checks the name again against transformers' own list:
+        # `eager` there, the same sort-based loop as `hf_dare` (both skip the sentinel slots).
+        if requested_experts is None:
+            requested_experts = default_experts_implementation() if EXPERTS_INTERFACE_NAMES_KERNELS else "eager"
         if requested_experts in HF_DARE_KERNELS:
             # Registered in transformers' experts interface, which transformers < 5.7 does not consult here.
             return requested_experts
@@ -477,25 +487,62 @@ class MoEPreTrainedModel(MoEModelMixin, PreTrainedModel):
     # The default CPU kernel (`hf_dare`) breaks the graph once per MoE layer (data-dependent shapes); only
     # `hf_dare_grouped_mm` / `grouped_mm` compile to one graph.
     _can_compile_fullgraph = False
+    # `auto_map["AutoModel"]` of saved checkpoints (see `set_base_model_auto_map`).
+    base_model_auto_class = "MoEModel"
 
 
-_CAUSAL_LM_TP_PLAN, _CAUSAL_LM_EP_PLAN = experts_parallel_plans("model.layers")
+class MoEModel(MoEPreTrainedModel):
+    """The base model of `MoEForCausalLM`, without the LM head (what `AutoModel` builds): the decoder
+    (`language_model`, `AutoModel`'s class for `config.decoder_model_type`, built on this config) with MoE FFNs.
+
+    Called on its own (vLLM's and SGLang's transformers backends build it) it opens its own routing context:
+    no routing loss, nothing recorded for the thresholds."""
+
+    def __init__(self, config: MoECausalLMConfig):
+        super().__init__(config)
+        # The decoder shares this config (flat): what is set on it (the attention implementation, which vLLM
+        # sets to its own) reaches every decoder module.
+        self.language_model = MODEL_MAPPING[CONFIG_MAPPING[config.decoder_model_type]](config)
+        install_moe_blocks(self.language_model, config)
+        self.post_init()
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The decoder: the parallel plans of the shared config are its own (under `language_model` here)."""
+        return self.language_model
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        **kwargs,
+    ):
+        """The decoder's forward: (B, L) ids or (B, L, H) embeddings -> its output (`last_hidden_state` (B, L, H))."""
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
+        if current_routing_context() is not None:
+            return self.language_model(**inputs)
+        seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        with routing_context(self.routing_context(attention_mask, seq_len, None, False)):
+            return self.language_model(**inputs)
+
+
+_CAUSAL_LM_TP_PLAN, _CAUSAL_LM_EP_PLAN = experts_parallel_plans("model.language_model.layers")
 
 
 class MoEForCausalLM(RoutingStatisticsOffInGeneration, MoEPreTrainedModel, GenerationMixin):
-    """A transformers decoder (`AutoModel.from_config(config.text_config)`) with MoE FFNs and an LM head."""
+    """A transformers decoder with MoE FFNs (`MoEModel`) and an LM head."""
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output", **_CAUSAL_LM_TP_PLAN}
     _ep_plan = _CAUSAL_LM_EP_PLAN
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: MoECausalLMConfig):
         super().__init__(config)
-        self.model = AutoModel.from_config(config.text_config)
-        install_moe_blocks(self.model, config)
-        self.vocab_size = config.text_config.vocab_size
-        self.lm_head = nn.Linear(config.text_config.hidden_size, self.vocab_size, bias=False)
+        self.model = MoEModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, self.vocab_size, bias=False)
         self.post_init()
 
     def forward(
@@ -641,6 +688,7 @@ __all__ = [
     "MoEBlock",
     "MoEExperts",
     "MoEForCausalLM",
+    "MoEModel",
     "MoELlavaForConditionalGeneration",
     "MoELlavaModel",
     "MoEOutputWithPast",

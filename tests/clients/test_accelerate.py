@@ -104,5 +104,5 @@ def test_fsdp_config_shards_each_decoder_layer(monkeypatch):
     model = MoEForCausalLM(moe_config("qwen3", router="dare"))
     policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
     assert [name for name, module in model.named_modules() if policy(module)] == [
-        f"model.layers.{i}" for i in range(model.config.text_config.num_hidden_layers)
+        f"model.language_model.layers.{i}" for i in range(model.config.num_hidden_layers)
     ]

@@ -65,7 +65,7 @@ def test_lora_adapters_on_every_moe_layers_experts_and_trainable_routers():
     num_experts, hidden, width = config.num_experts, config.text_config.hidden_size, config.moe_intermediate_size
     assert [block.layer_idx for block in core.moe_blocks] == [0, 1, 2, 3]
     for block in core.moe_blocks:
-        prefix = f"base_model.model.model.layers.{block.layer_idx}.mlp"
+        prefix = f"base_model.model.model.language_model.layers.{block.layer_idx}.mlp"
         # Two nested `ParamWrapper`s (one per targeted parameter) around the experts; each LoRA pair holds
         # one rank-r update per expert: A (E * r, in), B (out, E * r).
         outer = block.experts

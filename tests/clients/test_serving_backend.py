@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import (
     AttentionInterface,
     AutoConfig,
@@ -82,7 +83,7 @@ def test_attention_runs_through_the_interface_with_kwargs_passed_down(tmp_path):
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], backend_probe="kept").logits
         expected = reference(input_ids=batch["input_ids"]).logits
-    attention_modules = [layer.self_attn for layer in model.model.layers]
+    attention_modules = [layer.self_attn for layer in model.get_decoder().layers]
     assert [module for module, _ in CALLS] == attention_modules  # every decoder layer, once
     assert all(kwargs.get("backend_probe") == "kept" for _, kwargs in CALLS)
     torch.testing.assert_close(logits, expected)
@@ -94,8 +95,8 @@ def test_llava_base_model_is_what_automodel_builds_and_serves_the_full_models_hi
     config = json.loads((tmp_path / "llava" / "config.json").read_text())
     assert config["auto_map"]["AutoModel"] == "modeling_moe_llava.MoELlavaModel"
     base = AutoModel.from_pretrained(tmp_path / "llava", trust_remote_code=True, attn_implementation=RECORDING).eval()
+    # hf_dare's own class here (registered with AutoModel); without hf_dare, the checkpoint's (test_remote_code).
     assert type(base).__name__ == "MoELlavaModel" and type(base).is_backend_compatible()
-    assert type(base).__module__.startswith("transformers_modules")  # the checkpoint's own code (auto_map)
     inputs = llava_inputs(processor())
     with torch.no_grad():
         expected = full(**inputs).logits
@@ -128,7 +129,7 @@ def test_moe_blocks_hold_experts_of_3d_weights_called_with_the_routing(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "lm", trust_remote_code=True)
     config = model.config
     num_experts, hidden, width = config.num_experts, config.text_config.hidden_size, config.moe_intermediate_size
-    layers = [model.model.layers[i] for i in config.moe_layers]
+    layers = [model.get_decoder().layers[i] for i in config.moe_layers]
     generator = torch.Generator().manual_seed(0)
     for layer in layers:
         experts = dict(layer.mlp.named_children())["experts"]
@@ -188,3 +189,38 @@ def test_saved_llava_config_and_processor_carry_what_the_backends_read(tmp_path)
     full = AutoModelForImageTextToText.from_pretrained(tmp_path / "llava", trust_remote_code=True)
     full.save_pretrained(tmp_path / "again")
     assert json.loads((tmp_path / "again" / "config.json").read_text())["auto_map"] == raw["auto_map"]
+
+
+def test_causal_lm_is_a_text_only_moe_whose_base_model_matches_the_checkpoint(tmp_path):
+    """What vLLM's transformers backend reads of a text-only model: `config.get_text_config()` is the config (else
+    it takes the model for a multimodal one) with the decoder's and the MoE's fields at the top level; it builds
+    `AutoModel.from_config(config)` after setting the attention implementation on that config, and loads each
+    checkpoint tensor into `model.<name in the base model>` (lm_head beside it) when the base model prefix is
+    `model`."""
+    full = save_causal_lm(tmp_path / "lm", router="top_k")
+    raw = json.loads((tmp_path / "lm" / "config.json").read_text())
+    assert "text_config" not in raw and raw["auto_map"]["AutoModel"] == "modeling_moe_llava.MoEModel"
+    config = AutoConfig.from_pretrained(tmp_path / "lm", trust_remote_code=True)
+    assert config.get_text_config() is config
+    assert (config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size) == (4, 2, 64)
+    assert (config.hidden_size, config.num_attention_heads) == (full.config.hidden_size, 4)
+
+    config._attn_implementation = RECORDING  # what the backend does before building the model
+    base = AutoModel.from_config(config, trust_remote_code=True)
+    assert type(base).__name__ == "MoEModel" and base.base_model_prefix == "model"
+    decoder = base.get_decoder()
+    assert decoder is base.language_model and len(decoder.layers) == config.num_hidden_layers
+    names = {f"model.{name}" for name in base.state_dict()} | {"lm_head.weight"}
+    with safe_open(tmp_path / "lm" / "model.safetensors", "pt") as stored:
+        assert set(stored.keys()) == names
+    # The decoder's tensor-parallel plan, under the base model's `language_model` (none of it left unprefixed).
+    assert base.tp_plan and all(key.startswith("language_model.") for key in base.tp_plan)
+    assert "language_model.layers.*.self_attn.q_proj" in base.tp_plan
+
+    base.load_state_dict({k.removeprefix("model."): v for k, v in full.state_dict().items() if k.startswith("model.")})
+    batch = random_batch(full.config)
+    with torch.no_grad():
+        hidden = base.eval()(input_ids=batch["input_ids"]).last_hidden_state
+        expected = full(input_ids=batch["input_ids"]).logits
+    torch.testing.assert_close(full.lm_head(hidden), expected)
+    assert [module for module, _ in CALLS] == [layer.self_attn for layer in decoder.layers]

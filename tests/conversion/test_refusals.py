@@ -40,7 +40,7 @@ def test_pickle_weights_need_allow_pickle(tmp_path, capsys):
     assert leftovers(tmp_path, "out") == []
     assert main(["upcycle", str(src), str(tmp_path / "out"), "--allow-pickle", "--router", "top_k"]) == 0
     stored = load_file(tmp_path / "out" / "model.safetensors")
-    torch.testing.assert_close(stored["model.embed_tokens.weight"], model.model.embed_tokens.weight)
+    torch.testing.assert_close(stored["model.language_model.embed_tokens.weight"], model.model.embed_tokens.weight)
 
 
 def test_unsupported_architecture(tmp_path, capsys):
@@ -60,6 +60,11 @@ def _edit_tensor(folder, name, edit):
     return index, shard
 
 
+def in_moe_model(name: str) -> str:
+    """A dense causal LM's tensor name as the MoE checkpoint names it (the decoder in `model.language_model`)."""
+    return name.replace("model.", "model.language_model.", 1)
+
+
 def test_missing_tensor(tmp_path, capsys):
     src = tmp_path / "src"
     save_dense_lm(src, "qwen2")
@@ -68,13 +73,15 @@ def test_missing_tensor(tmp_path, capsys):
     del index["weight_map"][name]
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
     _refused(
-        capsys, ["upcycle", str(src), str(tmp_path / "out")], f"missing tensor(s) for MoEForCausalLM (qwen2): {name}"
+        capsys,
+        ["upcycle", str(src), str(tmp_path / "out")],
+        f"missing tensor(s) for MoEForCausalLM (qwen2): {in_moe_model(name)}",
     )
     name = "model.layers.0.mlp.gate_proj.weight"  # an MoE layer's dense FFN
     index, _ = _edit_tensor(src, name, lambda t: t.pop(name))
     del index["weight_map"][name]
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(ConversionError, match=f"missing tensor {name}"):
+    with pytest.raises(ConversionError, match=f"missing tensor {in_moe_model(name)}"):
         upcycle(src, tmp_path / "out")
     assert leftovers(tmp_path, "out") == []
 
@@ -84,11 +91,13 @@ def test_shape_mismatch(tmp_path, capsys):
     save_dense_lm(src, "stablelm")
     name = "model.layers.0.mlp.up_proj.weight"
     _edit_tensor(src, name, lambda t: t.update({name: torch.zeros(65, 32)}))
-    _refused(capsys, ["upcycle", str(src), str(tmp_path / "out")], f"{name} (65, 32) differ from")
+    _refused(capsys, ["upcycle", str(src), str(tmp_path / "out")], f"{in_moe_model(name)} (65, 32) differ from")
     _edit_tensor(src, name, lambda t: t.update({name: torch.zeros(64, 32)}))
     name = "model.layers.1.mlp.up_proj.weight"  # copied as is: checked against the MoE model
     _edit_tensor(src, name, lambda t: t.update({name: torch.zeros(65, 32)}))
-    with pytest.raises(ConversionError, match=rf"shape mismatch for {name}.*got \(65, 32\).*expects \(64, 32\)"):
+    with pytest.raises(
+        ConversionError, match=rf"shape mismatch for {in_moe_model(name)}.*got \(65, 32\).*expects \(64, 32\)"
+    ):
         upcycle(src, tmp_path / "out")
     assert leftovers(tmp_path, "out") == []
 

@@ -42,7 +42,7 @@ def test_mixed_upcycle_computes_the_dense_model_and_reports_avg_k_per_layer(dens
     assert config["router"] == {"0": "top_k", "1": "dare", "2": "dare", "3": "top_k"}
     names = tensor_names(out)
     for layer_idx in range(4):
-        gate = f"model.layers.{layer_idx}.mlp.gate."
+        gate = f"model.language_model.layers.{layer_idx}.mlp.gate."
         dare = layer_idx in (1, 2)
         assert (gate + "threshold_tracker.thresholds" in names) == dare
         assert (gate + "difficulty_predictor.up.weight" in names) == dare
@@ -84,7 +84,7 @@ def test_router_per_layer_map_and_difficulty_proxy_from_the_cli(dense_dirs, tmp_
     assert config["router"] == {"0": "dare", "1": "ltdr", "2": "top_k", "3": "dare"}
     assert config["difficulty_proxy"] == "router_entropy"
     names = tensor_names(out)
-    assert "model.layers.0.mlp.gate.threshold_tracker.thresholds" in names
+    assert "model.language_model.layers.0.mlp.gate.threshold_tracker.thresholds" in names
     assert not any("difficulty_predictor" in name for name in names)  # the entropy needs no predictor
     assert "--router 0:dare,1:ltdr,2:top_k,3:dare" in config["training_stages"][-1]["description"]
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
@@ -156,7 +156,7 @@ def test_upcycle_into_the_baseline_routers(dense_dirs, tmp_path, router, capsys)
     dense = AutoModelForCausalLM.from_pretrained(src)
     std = model.config.text_config.initializer_range
     for layer_idx in model.config.moe_layers:
-        block = model.model.layers[layer_idx].mlp
+        block = model.get_decoder().layers[layer_idx].mlp
         assert type(block.gate).__name__ == ROUTER_CLASS_NAMES[router]
         dense_ffn = dense.model.layers[layer_idx].mlp
         for e in range(model.config.num_experts):
@@ -173,7 +173,7 @@ def test_upcycle_into_the_baseline_routers(dense_dirs, tmp_path, router, capsys)
             assert block.gate.l1_coef.item() == pytest.approx(model.config.remoe_initial_l1_coef)
         if router == "moepp" and block.gate.gating_residual:
             assert torch.equal(block.gate.residual_weight, torch.zeros_like(block.gate.residual_weight))
-    first, second = (model.model.layers[i].mlp.gate.weight for i in model.config.moe_layers[:2])
+    first, second = (model.get_decoder().layers[i].mlp.gate.weight for i in model.config.moe_layers[:2])
     assert not torch.equal(first, second)  # each layer's router has its own random stream
 
     again = upcycle(src, tmp_path / "again", router=router, seed=3)
@@ -186,7 +186,7 @@ def test_upcycle_into_the_baseline_routers(dense_dirs, tmp_path, router, capsys)
     loss = model(**batch).loss
     loss.backward()
     assert torch.isfinite(loss)
-    assert model.model.layers[model.config.moe_layers[0]].mlp.gate.weight.grad.abs().sum() > 0
+    assert model.get_decoder().layers[model.config.moe_layers[0]].mlp.gate.weight.grad.abs().sum() > 0
 
 
 def test_cli_set_gives_any_moe_config_field_and_the_recorded_command_repeats_it(dense_dirs, tmp_path, capsys):

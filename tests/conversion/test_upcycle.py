@@ -57,18 +57,18 @@ def test_upcycled_folder_is_a_complete_checkpoint(dense_dirs, tmp_path):
     dense = AutoModelForCausalLM.from_pretrained(src).model.layers
     moe = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     for layer_idx in (1, 3):
-        block, mlp = moe.model.layers[layer_idx].mlp, dense[layer_idx].mlp
+        block, mlp = moe.get_decoder().layers[layer_idx].mlp, dense[layer_idx].mlp
         for e in range(3):
             torch.testing.assert_close(
                 block.experts.gate_up_proj[e], torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
             )
             torch.testing.assert_close(block.experts.down_proj[e], mlp.down_proj.weight)
         assert block.gate.threshold_tracker.thresholds.tolist() == moe.config.initial_thresholds == [0.0, 1.0]
-    torch.testing.assert_close(moe.model.layers[0].mlp.up_proj.weight, dense[0].mlp.up_proj.weight)
+    torch.testing.assert_close(moe.get_decoder().layers[0].mlp.up_proj.weight, dense[0].mlp.up_proj.weight)
     # The seed decides the routers, nothing else does.
     again = upcycle(src, tmp_path / "again", num_experts=3, router="dare", moe_layers=[1, 3], seed=0)
     other = upcycle(src, tmp_path / "other", num_experts=3, router="dare", moe_layers=[1, 3], seed=1)
-    router = "model.layers.1.mlp.gate.weight"
+    router = "model.language_model.layers.1.mlp.gate.weight"
     weights = {
         p.name: AutoModelForCausalLM.from_pretrained(p, trust_remote_code=True).state_dict()[router]
         for p in (again, other)
@@ -86,7 +86,7 @@ def test_cli_upcycle_settings(dense_dirs, tmp_path, capsys):
     assert status == 0 and str(out) in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())
     assert config["moe_layers"] == [0, 1] and config["target_distribution"] == [0.4, 0.3, 0.2, 0.1]
-    assert config["router"] == "dare" and config["text_config"]["model_type"] == "stablelm"
+    assert config["router"] == "dare" and config["decoder_model_type"] == "stablelm"
 
 
 @pytest.fixture(scope="module")

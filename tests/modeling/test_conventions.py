@@ -117,8 +117,8 @@ def test_router_weights_are_named_like_transformers_moe_models(tmp_path):
     model = build("dare")
     keys = set(model.state_dict())
     for layer_idx in model.config.moe_layers:
-        assert f"model.layers.{layer_idx}.mlp.gate.weight" in keys
-        assert f"model.layers.{layer_idx}.mlp.gate.threshold_tracker.thresholds" in keys
+        assert f"model.language_model.layers.{layer_idx}.mlp.gate.weight" in keys
+        assert f"model.language_model.layers.{layer_idx}.mlp.gate.threshold_tracker.thresholds" in keys
     assert not any(".router." in key for key in keys)
     model.save_pretrained(tmp_path)
     _, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)

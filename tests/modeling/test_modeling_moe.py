@@ -35,7 +35,7 @@ def test_forward_backward_and_loss_parts(family, router):
 
 def test_moe_blocks_replace_every_other_ffn():
     model = build("qwen3")
-    kinds = [type(layer.mlp).__name__ for layer in model.model.layers]
+    kinds = [type(layer.mlp).__name__ for layer in model.get_decoder().layers]
     assert kinds == ["MoEBlock", "Qwen3MLP", "MoEBlock", "Qwen3MLP"]
     assert [block.layer_idx for block in model.moe_blocks] == model.config.moe_layers
     assert type(model.model) is type(AutoModel.from_config(model.config.text_config))
@@ -138,10 +138,10 @@ def test_save_and_load_round_trip(router, tmp_path):
 
 def test_tied_embeddings_stay_tied_after_loading(tmp_path):
     model = build("qwen2", text_overrides={"tie_word_embeddings": True})
-    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.lm_head.weight is model.get_input_embeddings().weight
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert loaded.lm_head.weight is loaded.get_input_embeddings().weight
     torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight)
 
 

@@ -48,8 +48,12 @@ def test_causal_lm_loads_and_computes_the_same_logits_without_hf_dare(tmp_path):
     config = json.loads((model_dir / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_moe_llava.MoECausalLMConfig",
+        "AutoModel": "modeling_moe_llava.MoEModel",
         "AutoModelForCausalLM": "modeling_moe_llava.MoEForCausalLM",
     }
+    # A text-only model's config: the decoder's fields at the top level, no nested text config.
+    assert "text_config" not in config and config["decoder_model_type"] == "qwen3"
+    assert config["hidden_size"] == model.config.hidden_size
     assert {"configuration_moe_llava.py", "modeling_moe_llava.py", "routing.py"} <= {
         p.name for p in model_dir.iterdir()
     }
@@ -63,15 +67,22 @@ def test_causal_lm_loads_and_computes_the_same_logits_without_hf_dare(tmp_path):
         f"""
         import torch
         from safetensors.torch import load_file
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModel, AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, trust_remote_code=True).eval()
         assert "hf_dare" not in type(model).__module__, type(model).__module__
+        assert model.config.get_text_config() is model.config
         expected = load_file({str(tmp_path / "expected.safetensors")!r})
         with torch.no_grad():
             logits = model(input_ids=expected["input_ids"]).logits
         torch.testing.assert_close(logits, expected["logits"], atol=0, rtol=0)
+        # The base model (`auto_map["AutoModel"]`), as serving backends build it, under the LM head.
+        base = AutoModel.from_pretrained({str(model_dir)!r}, trust_remote_code=True).eval()
+        assert type(base).__name__ == "MoEModel" and type(base).__module__.startswith("transformers_modules")
+        with torch.no_grad():
+            hidden = base(input_ids=expected["input_ids"]).last_hidden_state
+        torch.testing.assert_close(model.lm_head(hidden), expected["logits"], atol=0, rtol=0)
         for layer in model.config.moe_layers:
-            thresholds = model.model.layers[layer].mlp.gate.threshold_tracker.thresholds
+            thresholds = model.get_decoder().layers[layer].mlp.gate.threshold_tracker.thresholds
             torch.testing.assert_close(thresholds, torch.tensor([0.1, 0.4, 1.7]))
         """,
         cwd=tmp_path,
@@ -96,8 +107,10 @@ def test_llava_folder_with_processor_loads_and_generates_without_hf_dare(tmp_pat
         import numpy as np, torch
         from safetensors.torch import load_file
         from sklearn.datasets import load_digits
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
         model = AutoModelForImageTextToText.from_pretrained({str(model_dir)!r}, trust_remote_code=True).eval()
+        base = AutoModel.from_pretrained({str(model_dir)!r}, trust_remote_code=True)
+        assert type(base).__name__ == "MoELlavaModel" and type(base).__module__.startswith("transformers_modules")
         proc = AutoProcessor.from_pretrained({str(model_dir)!r}, trust_remote_code=True)
         image = (load_digits().images[0] / 16.0 * 255).astype("uint8")
         image = np.repeat(image[:, :, None], 3, axis=2)

@@ -266,7 +266,7 @@ def test_remoe_lambda_stays_float32_and_a_token_without_experts_counts_zero_in_f
     with torch.no_grad():
         model.moe_blocks[0].gate.weight.zero_()  # G = ReLU(0) = 0: no expert in the first layer
         outputs = model(**random_batch(model.config))
-    assert outputs.expert_counts[0].max() == 0 and outputs.expert_counts[1].min() > 0
+    assert outputs.expert_counts[0].max() == 0 and outputs.expert_counts[1].sum() > 0
     params = activated_parameters(model, outputs)
     avg_k = [c.float().mean().item() for c in outputs.expert_counts]
     assert params["avg_k_per_layer"] == pytest.approx(avg_k) and avg_k[0] == 0
@@ -429,7 +429,7 @@ def test_saved_lambda_round_trips(tmp_path):
     model.moe_blocks[1].gate.l1_coef.fill_(0.125)
     model.save_pretrained(tmp_path)
     state = load_file(tmp_path / "model.safetensors")
-    assert state["model.layers.2.mlp.gate.l1_coef"].item() == 0.125
+    assert state["model.language_model.layers.2.mlp.gate.l1_coef"].item() == 0.125
     loaded = MoEForCausalLM.from_pretrained(tmp_path)
     assert loaded.moe_blocks[1].gate.l1_coef.item() == 0.125
     assert loaded.moe_blocks[0].gate.l1_coef.item() == pytest.approx(1e-8)

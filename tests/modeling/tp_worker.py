@@ -22,7 +22,7 @@ def main():
     with torch.no_grad():
         logits = model(input_ids=input_ids).logits
     rank = int(os.environ["RANK"])
-    experts = model.model.layers[0].mlp.experts.gate_up_proj
+    experts = model.get_decoder().layers[0].mlp.experts.gate_up_proj
     local = experts.to_local() if hasattr(experts, "to_local") else experts
     torch.save(logits, f"{out_dir}/logits{rank}.pt")
     with open(f"{out_dir}/rank{rank}.json", "w") as f:

@@ -72,7 +72,7 @@ def run_fsdp(model_dir: Path, out_dir: Path, rank: int) -> dict:
     dist.init_process_group("gloo")
     model = hf_dare.MoEForCausalLM.from_pretrained(model_dir)
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    for layer in model.model.layers:
+    for layer in model.get_decoder().layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     model.train()  # from_pretrained returns the model in eval mode

@@ -36,7 +36,7 @@ def test_plain_trainer_accumulation_gives_the_weights_of_one_batch(tmp_path):
     4 x 2 give the same weights: CE and L_diff are each a sum over tokens divided by the step's token count."""
     whole = one_sgd_step(tmp_path, Trainer, 8, 1, router_aux_loss_coef=0.0)
     accumulated = one_sgd_step(tmp_path, Trainer, 2, 4, router_aux_loss_coef=0.0)
-    predictor = "model.layers.0.mlp.gate.difficulty_predictor.down.bias"
+    predictor = "model.language_model.layers.0.mlp.gate.difficulty_predictor.down.bias"
     assert not torch.allclose(whole[predictor], dare_model().state_dict()[predictor])  # L_diff trained it
     for name, param in whole.items():
         torch.testing.assert_close(accumulated[name], param, atol=1e-5, rtol=0, msg=name)

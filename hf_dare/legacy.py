@@ -14,8 +14,7 @@ from .modeling import MoECausalLMConfig, MoEForCausalLM, MoELlavaConfig, MoELlav
 
 LEGACY_MODEL_TYPES = {"moe_causal_lm": MoECausalLMConfig, "moe_llava": MoELlavaConfig}
 LEGACY_KEY_RENAMES = {r"\.mlp\.router\.": ".mlp.gate."}
-# The causal LM's decoder, saved at `model.layers.*`, sits in the base model's `language_model` (as the current
-# model type's own renaming does).
+# The causal LM's decoder, saved at `model.layers.*` in those folders, now sits in the base model's `language_model`.
 LAYOUT_RENAMES = {
     "moe_causal_lm": {r"^model.(embed_tokens|layers|norm).": r"model.language_model.\1."},
     "moe_llava": {},

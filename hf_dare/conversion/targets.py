@@ -4,7 +4,6 @@ device, so nothing is allocated), freshly initialised routers, and the config + 
 from pathlib import Path
 
 import torch
-from transformers.core_model_loading import revert_weight_conversion
 from transformers.dynamic_module_utils import custom_object_save
 
 from ..modeling import MoECausalLMConfig, MoEConfigBase, MoEForCausalLM, MoELlavaForConditionalGeneration
@@ -33,10 +32,9 @@ def meta_model(config: MoEConfigBase) -> torch.nn.Module:
 
 
 def expected_tensors(model: torch.nn.Module) -> tuple[dict[str, tuple[int, ...]], list[str]]:
-    """Names (as saved: `save_pretrained` reverses the model's weight renamings) and shapes of the tensors the
-    checkpoint of `model` holds, and those that may be absent (the LM head when tied to the input embeddings)."""
-    saved = revert_weight_conversion(model, model.state_dict())
-    expected = {name: tuple(t.shape) for name, t in saved.items()}
+    """Names and shapes of the tensors the checkpoint of `model` holds, and those that may be absent
+    (the LM head when tied to the input embeddings)."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     optional = ["lm_head.weight"] if model.config.tie_word_embeddings else []
     return expected, optional
 

@@ -84,8 +84,7 @@ def moe_config_for(source_config: PreTrainedConfig, **moe_settings) -> MoEConfig
 def upcycle_plan(reader: CheckpointReader, config: MoEConfigBase, seed: int = 0) -> list[PlannedTensor]:
     """Every input tensor copied, except the FFNs of `config.moe_layers`, which become E stacked experts and a
     new router. Raises `ConversionError` naming a missing FFN tensor or one that fits nowhere."""
-    prefix = TEXT_PREFIX
-    moe_ffn = re.compile(rf"^{re.escape(prefix)}layers\.(\d+)\.mlp\.({'|'.join(FFN_NAMES)})\.weight$")
+    moe_ffn = re.compile(rf"^{re.escape(TEXT_PREFIX)}layers\.(\d+)\.mlp\.({'|'.join(FFN_NAMES)})\.weight$")
     moe_layers = set(config.moe_layers)
     plan = []
     for name in reader.names():
@@ -93,7 +92,7 @@ def upcycle_plan(reader: CheckpointReader, config: MoEConfigBase, seed: int = 0)
         if not (match and int(match.group(1)) in moe_layers):
             plan.append(copy_of(reader, name))
     for layer_idx in config.moe_layers:
-        ffn = f"{prefix}layers.{layer_idx}.mlp."
+        ffn = f"{TEXT_PREFIX}layers.{layer_idx}.mlp."
         gate, up, down = (ffn + n + ".weight" for n in FFN_NAMES)
         for source in (gate, up, down):
             if source not in reader:

@@ -8,6 +8,7 @@ config is built.
 """
 
 import dataclasses
+import functools
 import inspect
 import math
 
@@ -405,6 +406,14 @@ class MoEConfigBase(PreTrainedConfig):
         return max((self.experts_per_token_of(name) for name in set(self.routers.values())), default=1)
 
 
+@functools.cache
+def _fields_not_of_decoders() -> frozenset[str]:
+    """What every config has (`PreTrainedConfig`'s fields), the MoE settings but `tie_word_embeddings`, and
+    `decoder_model_type`."""
+    generic = set(PreTrainedConfig().to_dict()) | set(MoEConfigBase.__annotations__) | {"decoder_model_type"}
+    return frozenset(generic - {"tie_word_embeddings"})
+
+
 class MoECausalLMConfig(MoEConfigBase):
     r"""Text-only MoE causal LM: a transformers decoder (Qwen2, Qwen3, StableLM, Llama...) whose `moe_layers`
     FFNs are MoE layers. See `MoEConfigBase` for the MoE settings.
@@ -447,7 +456,7 @@ class MoECausalLMConfig(MoEConfigBase):
     @staticmethod
     def _decoder_fields(decoder: PreTrainedConfig) -> dict:
         """A decoder config's own fields: those that `PreTrainedConfig` and the MoE settings do not have."""
-        generic = set(PreTrainedConfig().to_dict()) | set(MoEConfigBase.__annotations__) - {"tie_word_embeddings"}
+        generic = _fields_not_of_decoders()
         return {name: value for name, value in decoder.to_dict().items() if name not in generic}
 
     def decoder_config(self) -> PreTrainedConfig:

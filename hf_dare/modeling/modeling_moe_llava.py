@@ -339,6 +339,17 @@ class MoEModelMixin:
             token_mask = attention_mask[:, -seq_len:].bool()
         return RoutingContext(token_mask, vision_mask, with_aux_loss=with_losses, observe=self.training)
 
+    def forward_in_routing_context(self, forward, inputs: dict, vision_mask: torch.Tensor | None):
+        """`forward(**inputs)` for a base model: inside the outer model's routing context when it has opened one;
+        called on its own (`AutoModel`, which vLLM's and SGLang's transformers backends build), in one of its own
+        with this forward's token masks, no routing loss and nothing recorded for the thresholds."""
+        if current_routing_context() is not None:
+            return forward(**inputs)
+        ids = inputs["input_ids"] if inputs["input_ids"] is not None else inputs["inputs_embeds"]
+        context = self.routing_context(inputs["attention_mask"], ids.shape[1], vision_mask, False)
+        with routing_context(context):
+            return forward(**inputs)
+
     def moe_output(
         self, outputs, context: RoutingContext, labels, logits_to_keep, loss_kwargs: dict, **extra
     ) -> MoEOutputWithPast:
@@ -520,22 +531,19 @@ class MoEModel(MoEPreTrainedModel):
     ):
         """The decoder's forward: (B, L) ids or (B, L, H) embeddings -> its output (`last_hidden_state` (B, L, H))."""
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
-        if current_routing_context() is not None:
-            return self.language_model(**inputs)
-        seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        with routing_context(self.routing_context(attention_mask, seq_len, None, False)):
-            return self.language_model(**inputs)
+        return self.forward_in_routing_context(self.language_model, inputs, vision_mask=None)
 
 
-_CAUSAL_LM_TP_PLAN, _CAUSAL_LM_EP_PLAN = experts_parallel_plans("model.language_model.layers")
+# Both models hold their decoder at `model.language_model`.
+_EXPERTS_TP_PLAN, _EXPERTS_EP_PLAN = experts_parallel_plans("model.language_model.layers")
 
 
 class MoEForCausalLM(RoutingStatisticsOffInGeneration, MoEPreTrainedModel, GenerationMixin):
     """A transformers decoder with MoE FFNs (`MoEModel`) and an LM head."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
-    _tp_plan = {"lm_head": "colwise_gather_output", **_CAUSAL_LM_TP_PLAN}
-    _ep_plan = _CAUSAL_LM_EP_PLAN
+    _tp_plan = {"lm_head": "colwise_gather_output", **_EXPERTS_TP_PLAN}
+    _ep_plan = _EXPERTS_EP_PLAN
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: MoECausalLMConfig):
@@ -607,15 +615,8 @@ class MoELlavaModel(MoELlavaPreTrainedModel, LlavaModel):
         build) it opens its own routing context: image tokens from `input_ids` (with only `inputs_embeds` no
         token counts as an image token, which changes LTDR's routing, not Top-K's or DARE's), no routing loss."""
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
-        if current_routing_context() is not None:
-            return super().forward(**inputs)
         vision_mask = None if input_ids is None else input_ids == self.config.image_token_id
-        seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        with routing_context(self.routing_context(attention_mask, seq_len, vision_mask, False)):
-            return super().forward(**inputs)
-
-
-_LLAVA_TP_PLAN, _LLAVA_EP_PLAN = experts_parallel_plans("model.language_model.layers")
+        return self.forward_in_routing_context(super().forward, inputs, vision_mask)
 
 
 class MoELlavaForConditionalGeneration(
@@ -627,8 +628,8 @@ class MoELlavaForConditionalGeneration(
     and the per-modality statistics use; DARE's difficulty target covers text positions only.
     """
 
-    _tp_plan = {"lm_head": "colwise_gather_output", **_LLAVA_TP_PLAN}
-    _ep_plan = _LLAVA_EP_PLAN
+    _tp_plan = {"lm_head": "colwise_gather_output", **_EXPERTS_TP_PLAN}
+    _ep_plan = _EXPERTS_EP_PLAN
 
     def __init__(self, config: MoELlavaConfig):
         LlavaPreTrainedModel.__init__(self, config)

@@ -7,36 +7,15 @@ vLLM's and SGLang's transformers backends take for a text-only model). Every set
 config is built.
 """
 
-import dataclasses
 import functools
 import inspect
 import math
-
-import transformers
-
-if int(transformers.__version__.split(".")[0]) < 5:
-    raise ImportError(f"This model's code needs transformers >= 5.0, < 6 (found {transformers.__version__}).")
 
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-# This file travels with every checkpoint, so it runs on every transformers 5.x; older releases lack two things:
-# - transformers < 5.20 has no `SubConfigSpec` / `sub_configs_defaults`: the stand-in below carries the default
-#   model types, `MoEConfigBase` builds the sub-configs itself and declares them in `sub_configs`.
-# - transformers < 5.4 configs are plain classes, not dataclasses: `MoEConfigBase` gets the `__init__` that the
-#   dataclass would generate (the fields declared on the class, then `__post_init__` with the other arguments).
-NATIVE_SUB_CONFIG_SPECS = hasattr(PreTrainedConfig, "sub_configs_defaults")
-DATACLASS_CONFIGS = dataclasses.is_dataclass(PreTrainedConfig)
-try:
-    from transformers.configuration_utils import SubConfigSpec
-except ImportError:  # transformers < 5.20
-
-    @dataclasses.dataclass
-    class SubConfigSpec:
-        config_class: type
-        model_type: str
-
+from ._compat import DATACLASS_CONFIGS, NATIVE_SUB_CONFIG_SPECS, SubConfigSpec
 
 # top_k / dare / ltdr, then the DARE paper's baselines (its Table 1): Top-p, ReMoE, DynMoE and MoE++.
 ROUTERS = ("top_k", "dare", "ltdr", "top_p", "remoe", "dynmoe", "moepp")

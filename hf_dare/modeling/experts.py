@@ -17,9 +17,10 @@ expert with weight 0 (exact, but computed, so they cost as much as the widest ro
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import ExpertsInterface
+
+from ._compat import grouped_mm
 
 # At most this many tokens take the token loop in `hf_dare` (decoding: one token per sequence per step).
 TOKEN_LOOP_MAX_TOKENS = 4
@@ -90,7 +91,7 @@ def grouped_mm_experts_forward(
     Slots sorted by expert; sentinel slots sort past the last group, which `grouped_mm` does not compute,
     and are zeroed before and after each matmul (the kernel leaves those rows uninitialised, forward and
     backward)."""
-    if not hasattr(F, "grouped_mm"):  # torch < 2.10
+    if grouped_mm is None:  # torch < 2.10
         return sorted_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     width = top_k_index.shape[-1]
     expert_ids, order = torch.sort(top_k_index.reshape(-1))
@@ -99,9 +100,9 @@ def grouped_mm_experts_forward(
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
     states = hidden_states[order // width].masked_fill(sentinel, 0.0)
     dtype = self.gate_up_proj.dtype
-    projected = F.grouped_mm(states.to(dtype), self.gate_up_proj.transpose(-2, -1), offs=offsets)
+    projected = grouped_mm(states.to(dtype), self.gate_up_proj.transpose(-2, -1), offs=offsets)
     gate, up = projected.masked_fill(sentinel, 0.0).chunk(2, dim=-1)
-    out = F.grouped_mm(self.act_fn(gate) * up, self.down_proj.transpose(-2, -1), offs=offsets)
+    out = grouped_mm(self.act_fn(gate) * up, self.down_proj.transpose(-2, -1), offs=offsets)
     out = out.masked_fill(sentinel, 0.0) * top_k_weights.reshape(-1)[order, None]
     unsorted = torch.empty_like(out).index_copy_(0, order, out)
     return unsorted.view(-1, width, out.shape[-1]).sum(1).to(hidden_states.dtype)

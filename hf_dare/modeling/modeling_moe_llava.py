@@ -14,12 +14,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import transformers
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache
 from transformers.integrations import use_experts_implementation
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -31,6 +29,14 @@ from transformers.models.llava.modeling_llava import (
     LlavaPreTrainedModel,
 )
 
+from ._compat import (
+    ACTIVATION_CHECKPOINTING_ENABLE,
+    CACHE_ARGUMENT,
+    EXPERTS_INTERFACE_NAMES_KERNELS,
+    image_features,
+    output_cache,
+    register_vision_model_level,
+)
 from .configuration_moe_llava import MoECausalLMConfig, MoEConfigBase, MoELlavaConfig
 from .experts import (
     HF_DARE_KERNELS,
@@ -49,30 +55,7 @@ from .routing import (
 )
 from .statistics import expert_load
 
-# This file travels with every checkpoint and runs on every transformers 5.x; before 5.6 the CLIP / SigLIP
-# vision towers sit in a `vision_model` submodule.
-TRANSFORMERS_VERSION = tuple(int(part) for part in transformers.__version__.split(".")[:2])
-TRANSFORMERS_BEFORE_5_6 = TRANSFORMERS_VERSION < (5, 6)
-# From 5.7 transformers checks an experts implementation's name against its experts interface, where hf-dare's
-# kernels are registered; before, only against its own names.
-EXPERTS_INTERFACE_NAMES_KERNELS = TRANSFORMERS_VERSION >= (5, 7)
-if TRANSFORMERS_BEFORE_5_6:
-    from transformers.conversion_mapping import register_checkpoint_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming
-
-    # Checkpoints hold the towers' weights without the `vision_model.` level: add it when loading (and drop it
-    # when saving, where transformers reverses the mapping).
-    register_checkpoint_conversion_mapping(
-        MoELlavaConfig.model_type,
-        [
-            # No escapes or lookarounds: transformers reverses these patterns as plain text when saving.
-            WeightRenaming(
-                r"^model.vision_tower.(embeddings|encoder|pre_layrnorm|post_layernorm|head).",
-                r"model.vision_tower.vision_model.\1.",
-            )
-        ],
-        overwrite=True,
-    )
+register_vision_model_level(MoELlavaConfig.model_type)
 
 
 @use_experts_implementation
@@ -282,12 +265,9 @@ class MoEModelMixin:
             )
         activation_checkpointing_kwargs["use_reentrant"] = False
         activation_checkpointing_kwargs.setdefault("context_fn", checkpoint_routing_contexts)
-        if hasattr(PreTrainedModel, "activation_checkpointing_enable"):
-            super().activation_checkpointing_enable(activation_checkpointing_kwargs, *args, **kwargs)
-        else:  # transformers < 5.23
-            super().gradient_checkpointing_enable(activation_checkpointing_kwargs, *args, **kwargs)
+        getattr(super(), ACTIVATION_CHECKPOINTING_ENABLE)(activation_checkpointing_kwargs, *args, **kwargs)
 
-    if not hasattr(PreTrainedModel, "activation_checkpointing_enable"):  # transformers < 5.23, whose Trainer calls:
+    if ACTIVATION_CHECKPOINTING_ENABLE == "gradient_checkpointing_enable":  # what the Trainer calls there
 
         def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, *args, **kwargs):
             self.activation_checkpointing_enable(gradient_checkpointing_kwargs, *args, **kwargs)
@@ -383,7 +363,6 @@ class MoEModelMixin:
             loss=losses.get("loss"),
             aux_loss=aux_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=router_logits,
@@ -398,6 +377,7 @@ class MoEModelMixin:
             difficulty=difficulty or None,
             token_mask=context.token_mask,
             router_loss=router_loss,
+            **{CACHE_ARGUMENT: output_cache(outputs)},
             **extra,
         )
 
@@ -490,7 +470,6 @@ class MoEPreTrainedModel(MoEModelMixin, PreTrainedModel):
     config_class = MoECausalLMConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -558,7 +537,6 @@ class MoEForCausalLM(RoutingStatisticsOffInGeneration, MoEPreTrainedModel, Gener
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -567,7 +545,9 @@ class MoEForCausalLM(RoutingStatisticsOffInGeneration, MoEPreTrainedModel, Gener
         **kwargs,
     ) -> MoEOutputWithPast:
         """Like any transformers causal LM; with `labels`, `loss` = CE + alpha * L_diff + beta * L_lb.
-        `output_routing_statistics=False` leaves out `expert_counts` / `expert_load` (generation does)."""
+        `output_routing_statistics=False` leaves out `expert_counts` / `expert_load` (generation does). The KV
+        cache goes in `kwargs` under the installed transformers' name (`cache` from 5.25, `past_key_values`
+        before), as `generate` passes it, and comes back in the output field of that name."""
         loss_kwargs = pop_loss_kwargs(kwargs) | {"output_routing_statistics": output_routing_statistics}
         seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         context = self.routing_context(attention_mask, seq_len, None, self.training or labels is not None)
@@ -576,7 +556,6 @@ class MoEForCausalLM(RoutingStatisticsOffInGeneration, MoEPreTrainedModel, Gener
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 inputs_embeds=inputs_embeds,
                 use_cache=use_cache,
                 **kwargs,
@@ -643,7 +622,6 @@ class MoELlavaForConditionalGeneration(
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -652,7 +630,8 @@ class MoELlavaForConditionalGeneration(
     ) -> MoEOutputWithPast:
         """Like transformers' `LlavaForConditionalGeneration.forward`; with `labels`, `loss` = CE +
         alpha * L_diff + beta * L_lb, and image-token positions should carry the label -100.
-        `output_routing_statistics=False` leaves out `expert_counts` / `expert_load` (generation does)."""
+        `output_routing_statistics=False` leaves out `expert_counts` / `expert_load` (generation does). The KV
+        cache goes in `kwargs` under the installed transformers' name, as in `MoEForCausalLM.forward`."""
         loss_kwargs = pop_loss_kwargs(kwargs) | {"output_routing_statistics": output_routing_statistics}
         if input_ids is not None:
             vision_mask = input_ids == self.config.image_token_id
@@ -670,7 +649,6 @@ class MoELlavaForConditionalGeneration(
                 pixel_values=pixel_values,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 inputs_embeds=inputs_embeds,
                 **kwargs,
             )
@@ -681,7 +659,7 @@ class MoELlavaForConditionalGeneration(
             logits_to_keep,
             loss_kwargs,
             vision_mask=vision_mask,
-            image_hidden_states=outputs.image_hidden_states,
+            image_hidden_states=image_features(outputs),
         )
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
+from ._compat import context_var
 from .statistics import expert_load
 
 
@@ -84,15 +85,7 @@ class RoutingContext:
         return fit[0], fit[1]
 
 
-try:  # a ContextVar that `torch.compile` can trace (transformers >= 5.2)
-    from transformers.utils.output_capturing import CompileableContextVar as _ContextVar
-except ImportError:  # pragma: no cover - transformers < 5.2
-    from contextvars import ContextVar as _ContextVar
-
-try:  # transformers 5.2 / 5.3's CompileableContextVar and the plain ContextVar take the default
-    _ACTIVE_ROUTING = _ContextVar("hf_dare_routing_context", default=None)
-except TypeError:  # later releases' always defaults to None
-    _ACTIVE_ROUTING = _ContextVar("hf_dare_routing_context")
+_ACTIVE_ROUTING = context_var("hf_dare_routing_context")
 
 
 def current_routing_context() -> RoutingContext | None:
@@ -782,10 +775,7 @@ class DynMoERouter(TopKRouter):
         return self.diversity_coef * diversity + self.simplicity_coef * simplicity + self.efficiency_coef * efficiency
 
     def init_router_weights(self, std: float) -> None:
-        if hasattr(init, "orthogonal_"):  # DynMoE's init: orthonormal expert embeddings
-            init.orthogonal_(self.weight)
-        else:  # pragma: no cover - older transformers
-            init.normal_(self.weight, mean=0.0, std=std)
+        init.orthogonal_(self.weight)  # DynMoE's init: orthonormal expert embeddings
         init.zeros_(self.expert_thresholds)
 
 

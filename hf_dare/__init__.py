@@ -5,7 +5,6 @@ Importing `hf_dare` registers the models with transformers' Auto classes; saved 
 own code and load with `trust_remote_code=True` where hf_dare is not installed.
 """
 
-import transformers
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from .calibration import calibrate
@@ -38,8 +37,6 @@ AutoModel.register(MoECausalLMConfig, MoEModel)
 AutoConfig.register(MoELlavaConfig.model_type, MoELlavaConfig)
 AutoModel.register(MoELlavaConfig, MoELlavaModel)
 AutoModelForImageTextToText.register(MoELlavaConfig, MoELlavaForConditionalGeneration)
-if hasattr(transformers, "AutoModelForVision2Seq"):  # removed in transformers 5
-    transformers.AutoModelForVision2Seq.register(MoELlavaConfig, MoELlavaForConditionalGeneration)
 register_legacy_model_types()  # folders written with the old model types `moe_causal_lm` / `moe_llava`
 
 # `save_pretrained` then writes the modeling code and an `auto_map` beside the weights.

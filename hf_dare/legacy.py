@@ -8,6 +8,8 @@ loaded tensors), so saving it again writes the new format. The aliases are regis
 """
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .modeling import MoECausalLMConfig, MoEForCausalLM, MoELlavaConfig, MoELlavaForConditionalGeneration
@@ -27,11 +29,6 @@ def _legacy_config(model_type: str, current: type) -> type:
 
 
 def _register_weight_renames(class_name: str, model_type: str) -> None:
-    try:
-        from transformers.conversion_mapping import register_checkpoint_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming
-    except ImportError:  # pragma: no cover - transformers without conversion mappings
-        return
     renames = [WeightRenaming(old, new) for old, new in {**LEGACY_KEY_RENAMES, **LAYOUT_RENAMES[model_type]}.items()]
     register_checkpoint_conversion_mapping(class_name, renames, overwrite=True)
 

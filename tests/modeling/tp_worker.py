@@ -7,17 +7,13 @@ import sys
 
 import torch
 from transformers import AutoModelForCausalLM
-
-try:
-    from transformers.distributed import DistributedConfig
-except ImportError:  # older transformers: tp_plan is a from_pretrained argument
-    DistributedConfig = None
+from transformers.distributed import DistributedConfig
 
 
 def main():
     model_dir, out_dir = sys.argv[1], sys.argv[2]
-    kwargs = {"distributed_config": DistributedConfig(tp_plan="auto")} if DistributedConfig else {"tp_plan": "auto"}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, **kwargs)
+    config = DistributedConfig(tp_plan="auto")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, distributed_config=config)
     input_ids = torch.arange(2, 14).view(2, 6)
     with torch.no_grad():
         logits = model(input_ids=input_ids).logits

@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from tests.deprecations import raise_deprecations_caused_by_hf_dare
+
 
 @pytest.fixture(autouse=True)
 def single_thread():
@@ -10,3 +12,11 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def deprecations_caused_by_hf_dare_fail():
+    """A FutureWarning / DeprecationWarning (or transformers' logged deprecation) that transformers or torch raise
+    because of hf-dare's own calls is an error (tests/deprecations.py): the next removal shows before it lands."""
+    with raise_deprecations_caused_by_hf_dare():
+        yield

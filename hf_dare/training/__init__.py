@@ -1,7 +1,13 @@
-"""Training hf-dare's MoE models with the transformers `Trainer`: DARE threshold updates, routing metrics in
-the logs, a separate learning rate for the difficulty predictors, LLaVA-format data and the three stages."""
+"""Training hf-dare's MoE models with the transformers `Trainer`: the routers' per-step state updates and the
+routing metrics in the logs (`RoutingCallback`), a separate learning rate for the difficulty predictors, LLaVA-format data and the three stages."""
 
-from .callbacks import DareCallback, RoutingMetricsCallback, set_threshold_update_mode, unwrap_model
+from .callbacks import (
+    DareCallback,
+    RoutingCallback,
+    RoutingMetricsCallback,
+    set_threshold_update_mode,
+    unwrap_model,
+)
 from .data import LlavaDataCollator, conversation_to_messages, load_llava_dataset
 from .metrics import RoutingMetrics, threshold_metrics
 from .optim import create_optimizer, difficulty_predictor_param_groups, predictor_optimizer_cls_and_kwargs
@@ -16,6 +22,7 @@ __all__ = [
     "MoETrainer",
     "MoETrainerMixin",
     "MoETrainingArguments",
+    "RoutingCallback",
     "RoutingMetrics",
     "RoutingMetricsCallback",
     "TrainingStage",

@@ -1,8 +1,12 @@
-"""Trainer callbacks: `DareCallback` moves DARE's thresholds once per optimizer step, `RoutingMetricsCallback`
-puts the routing metrics into the logs."""
+"""Trainer callbacks: `RoutingCallback`, the one hf-dare's models need under any `Trainer`, moves the routers'
+per-step state once per optimizer step and puts the routing metrics into the logs; `RoutingMetricsCallback` does
+the second alone."""
+
+import sys
 
 from torch import nn
 from transformers import TrainerCallback
+from transformers.trainer_callback import CallbackHandler
 
 from hf_dare.modeling.routing import ThresholdTracker
 
@@ -35,33 +39,15 @@ def set_threshold_update_mode(model: nn.Module, per_batch: bool) -> None:
         model.config.threshold_update = mode
 
 
-class DareCallback(TrainerCallback):
-    """Calls `model.update_routing_state()` at the end of every optimizer step, i.e. after all micro-batches of a
-    gradient-accumulation step, on every rank: DARE's thresholds and ReMoE's L1 coefficient move (each update
-    gathers what all ranks observed, so they stay identical). A model without `update_routing_state` (code saved
-    before it) gets `update_difficulty_thresholds()`.
-
-    `per_batch=True` / `False` overrides the trackers' `threshold_update` mode for this run (`None` keeps the
-    config's). The last update is kept in `last_state` ({layer_idx: {"thresholds": ...} or {"l1_coef": ...,
-    "sparsity": ...}}) and DARE's part in `last_thresholds` ({layer_idx: thresholds}).
-    """
-
-    def __init__(self, per_batch: bool | None = None):
-        self.per_batch = per_batch
-        self.last_thresholds: dict[int, list[float]] = {}
-        self.last_state: dict[int, dict] = {}
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if model is not None and self.per_batch is not None:
-            set_threshold_update_mode(model, self.per_batch)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        model = unwrap_model(model) if model is not None else None
-        if model is not None and hasattr(model, "update_routing_state"):
-            self.last_state = model.update_routing_state()
-            self.last_thresholds = {i: s["thresholds"] for i, s in self.last_state.items() if "thresholds" in s}
-        elif model is not None and hasattr(model, "update_difficulty_thresholds"):
-            self.last_thresholds = model.update_difficulty_thresholds()
+def calling_callback_handler() -> CallbackHandler | None:
+    """The `CallbackHandler` whose event is running (the caller of the callback method that calls this)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, CallbackHandler):
+            return owner
+        frame = frame.f_back
+    return None
 
 
 class RoutingMetricsCallback(TrainerCallback):
@@ -69,15 +55,14 @@ class RoutingMetricsCallback(TrainerCallback):
 
     A forward hook on the model records every forward's losses and routing statistics (`RoutingMetrics`,
     kept on the device, summed across ranks when logged); each training log gets `loss/ce`,
-    `loss/difficulty`, `loss/aux`, `routing/*` (Avg K per layer and modality, shares of 1..M experts, expert
-    load) and DARE's thresholds, and each evaluation log the same under its prefix (`eval_routing/*`).
+    `loss/difficulty`, `loss/aux`, `loss/router`, `routing/*` (Avg K per layer and modality, shares of 1..M
+    experts, expert load) and DARE's thresholds, and each evaluation log the same under its prefix
+    (`eval_routing/*`).
 
-    They reach `trainer.state.log_history` wherever this callback stands. The `report_to` integrations
-    (tensorboard, wandb...) see them only if this callback runs before them: the Trainer puts the
-    integrations named in `args.report_to` ahead of the `callbacks` it is given, so either give
-    `report_to="none"` and list the integration after this callback
-    (`callbacks=[DareCallback(), RoutingMetricsCallback(), TensorBoardCallback()]`), or put it first with
-    `trainer.callback_handler.callbacks.insert(0, RoutingMetricsCallback())` (what `MoETrainer` does).
+    The metrics reach `trainer.state.log_history` and every `report_to` integration (tensorboard, wandb...):
+    the Trainer puts the integrations ahead of the callbacks it is given, and they write a log as soon as they
+    see it, so when the Trainer starts (and when training begins, for a callback added later) this callback
+    moves itself to the front of the Trainer's callback list, where it adds its metrics before anyone reads.
     """
 
     def __init__(self):
@@ -85,30 +70,46 @@ class RoutingMetricsCallback(TrainerCallback):
         self.eval_metrics: RoutingMetrics | None = None
         self._model: nn.Module | None = None
         self._hook = None
+        self.records = True
 
     def attach(self, model: nn.Module) -> None:
         """Record the forwards of `model` (any wrapper of it); done by the Trainer's events, once per model."""
         model = unwrap_model(model)
-        if model is self._model:
+        if model is self._model or not self.records:
             return
-        if self._hook is not None:
-            self._hook.remove()
+        self.detach()
         self._model = model
         self.train_metrics = RoutingMetrics.for_model(model)
         self.eval_metrics = RoutingMetrics.for_model(model)
         self._hook = model.register_forward_hook(self._record, with_kwargs=True)
 
+    def detach(self) -> None:
+        """Stop recording (and logging)."""
+        if self._hook is not None:
+            self._hook.remove()
+        self._model, self._hook = None, None
+
     def _record(self, module: nn.Module, args, kwargs, outputs) -> None:
         metrics = self.train_metrics if module.training else self.eval_metrics
         metrics.update(outputs, kwargs.get("labels"), kwargs.get("num_items_in_batch"))
 
+    def _run_first(self) -> None:
+        """Move this callback to the front of the calling Trainer's callback list (see the class docstring)."""
+        handler = calling_callback_handler()
+        if handler is not None and handler.callbacks[0] is not self:
+            # `call_event` iterates the list by position: moving the running callback forward skips nobody.
+            handler.callbacks.remove(self)
+            handler.callbacks.insert(0, self)
+
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if model is not None:
             self.attach(model)
+        self._run_first()
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None:
             self.attach(model)  # `model_init` may have made a new model
+        self._run_first()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.eval_metrics is not None:  # an evaluation that follows counts its own forwards only
@@ -127,3 +128,52 @@ class RoutingMetricsCallback(TrainerCallback):
         logs.update(routing)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(routing)
+
+
+class RoutingCallback(RoutingMetricsCallback):
+    """The one callback hf-dare's models need under any `Trainer` (TRL's included): `callbacks=[RoutingCallback()]`.
+
+    - At the end of every optimizer step (after all micro-batches of a gradient-accumulation step), on every
+      rank, it calls `model.update_routing_state()`: each router's per-step state moves (DARE's thresholds,
+      ReMoE's L1 coefficient), from what all ranks observed, so it stays identical on every rank. A model
+      without `update_routing_state` (code saved before it) gets `update_difficulty_thresholds()`.
+    - It puts the routing metrics into the logs, `log_history` and every `report_to` integration alike
+      (`RoutingMetricsCallback`); where the Trainer also has a `RoutingMetricsCallback`, that one logs them.
+
+    `per_batch=True` / `False` overrides the trackers' `threshold_update` mode for this run (`None` keeps the
+    config's). The last update is kept in `last_state` ({layer_idx: {"thresholds": ...} or {"l1_coef": ...,
+    "sparsity": ...}}) and DARE's part in `last_thresholds` ({layer_idx: thresholds}).
+    """
+
+    def __init__(self, per_batch: bool | None = None):
+        super().__init__()
+        self.per_batch = per_batch
+        self.last_thresholds: dict[int, list[float]] = {}
+        self.last_state: dict[int, dict] = {}
+
+    def _run_first(self) -> None:
+        handler = calling_callback_handler()
+        others = [cb for cb in (handler.callbacks if handler else []) if type(cb) is RoutingMetricsCallback]
+        if others:  # metrics from that one only, not twice
+            self.records = False
+            self.detach()
+        else:
+            super()._run_first()
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        super().on_train_begin(args, state, control, model=model, **kwargs)
+        if model is not None and self.per_batch is not None:
+            set_threshold_update_mode(model, self.per_batch)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        super().on_step_end(args, state, control, **kwargs)
+        model = unwrap_model(model) if model is not None else None
+        if model is not None and hasattr(model, "update_routing_state"):
+            self.last_state = model.update_routing_state()
+            self.last_thresholds = {i: s["thresholds"] for i, s in self.last_state.items() if "thresholds" in s}
+        elif model is not None and hasattr(model, "update_difficulty_thresholds"):
+            self.last_thresholds = model.update_difficulty_thresholds()
+
+
+# The name of earlier releases, which moved DARE's thresholds only (the metrics needed `RoutingMetricsCallback`).
+DareCallback = RoutingCallback

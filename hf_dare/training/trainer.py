@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from transformers import Trainer, TrainingArguments
 
-from .callbacks import DareCallback, RoutingMetricsCallback, unwrap_model
+from .callbacks import RoutingCallback, RoutingMetricsCallback, unwrap_model
 from .optim import predictor_optimizer_cls_and_kwargs
 
 # `MoEOutputWithPast` fields that are statistics, not predictions: left out of what evaluation gathers.
@@ -42,11 +42,10 @@ class MoETrainingArguments(TrainingArguments):
 
 class MoETrainerMixin:
     """Mix into any `Trainer` subclass (e.g. `class MoESFTTrainer(MoETrainerMixin, SFTTrainer)`): a convenience,
-    not a requirement (a plain `Trainer` with `DareCallback` and `RoutingMetricsCallback` trains the same).
+    not a requirement (a plain `Trainer` with `callbacks=[RoutingCallback()]` trains the same).
 
-    - adds a `DareCallback` (thresholds move once per optimizer step) unless one is given;
-    - adds a `RoutingMetricsCallback` ahead of the `report_to` integrations unless one is given, so the
-      routing metrics reach `state.log_history` and every integration;
+    - adds a `RoutingCallback` (the routers' state moves once per optimizer step; routing metrics in the logs)
+      unless one is given;
     - with `args.predictor_learning_rate`, the difficulty predictors get their own learning rate.
 
     The loss needs nothing from the trainer: the model weights its routing terms by the micro-batch's share of
@@ -55,16 +54,13 @@ class MoETrainerMixin:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        core = unwrap_model(self.model)
         callbacks = self.callback_handler.callbacks
-        if hasattr(core, "update_difficulty_thresholds") and not any(isinstance(cb, DareCallback) for cb in callbacks):
-            self.add_callback(DareCallback(per_batch=getattr(self.args, "per_batch_thresholds", None)))
-        given = [cb for cb in callbacks if isinstance(cb, RoutingMetricsCallback)]
-        routing_metrics = given[0] if given else RoutingMetricsCallback()
-        if given:
-            callbacks.remove(routing_metrics)
-        routing_metrics.attach(self.model)
-        callbacks.insert(0, routing_metrics)  # before the integrations, which log what it adds
+        if not any(isinstance(cb, RoutingCallback) for cb in callbacks):
+            callback = RoutingCallback(per_batch=getattr(self.args, "per_batch_thresholds", None))
+            if any(type(cb) is RoutingMetricsCallback for cb in callbacks):
+                callback.records = False
+            callback.attach(self.model)
+            callbacks.insert(0, callback)  # before the integrations, which log what it adds
 
     def create_optimizer(self, *args, **kwargs):
         predictor_lr = getattr(self.args, "predictor_learning_rate", None)

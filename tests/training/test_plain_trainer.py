@@ -8,7 +8,7 @@ from transformers import Trainer
 from transformers.integrations import TensorBoardCallback
 
 import hf_dare
-from hf_dare.training import DareCallback, MoETrainer, RoutingMetricsCallback
+from hf_dare.training import DareCallback, MoETrainer, RoutingCallback, RoutingMetricsCallback
 from tests.tiny_models import moe_config
 from tests.training.helpers import as_dataset, digits_tensors, sgd_step_args, training_args
 
@@ -22,7 +22,7 @@ def one_sgd_step(tmp_path, trainer_class, batch_size: int, accumulation: int, **
     """The weights after one SGD step over the same 8 sequences, cut into `accumulation` micro-batches."""
     model = dare_model(**overrides)
     args = sgd_step_args(tmp_path / f"{trainer_class.__name__}-{accumulation}", batch_size, accumulation)
-    callbacks = [DareCallback()] if trainer_class is Trainer else None
+    callbacks = [RoutingCallback()] if trainer_class is Trainer else None
     trainer_class(model=model, args=args, train_dataset=as_dataset(digits_tensors(8)), callbacks=callbacks).train()
     return {name: param.detach().clone() for name, param in model.named_parameters()}
 
@@ -52,7 +52,7 @@ def test_plain_trainer_with_balancing_is_no_further_off_than_moe_trainer(tmp_pat
     assert gaps[Trainer] < 1e-3  # only the balancing loss differs: its statistics are per micro-batch
 
 
-def test_plain_trainer_logs_routing_metrics(tmp_path):
+def test_plain_trainer_with_the_one_callback_logs_routing_metrics(tmp_path):
     model = dare_model()
     args = training_args(tmp_path, max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2)
     trainer = Trainer(
@@ -60,7 +60,7 @@ def test_plain_trainer_logs_routing_metrics(tmp_path):
         args=args,
         train_dataset=as_dataset(digits_tensors(8)),
         eval_dataset=as_dataset(digits_tensors(4, start=50)),
-        callbacks=[DareCallback(), RoutingMetricsCallback()],
+        callbacks=[RoutingCallback()],
     )
     trainer.train()
     logs = [log for log in trainer.state.log_history if "loss" in log]
@@ -80,19 +80,43 @@ def test_plain_trainer_logs_routing_metrics(tmp_path):
     assert trainer.state.log_history[-1]["eval_routing/avg_k"] == metrics["eval_routing/avg_k"]
 
 
-def test_routing_metrics_reach_tensorboard(tmp_path):
+def tensorboard_scalars(folder) -> dict[str, list[float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    model = dare_model()
-    args = training_args(tmp_path, max_steps=3, per_device_train_batch_size=4, report_to="none")
-    # The integration runs after the callback that adds the metrics (see RoutingMetricsCallback's docstring).
-    callbacks = [DareCallback(), RoutingMetricsCallback(), TensorBoardCallback()]
-    trainer = Trainer(model=model, args=args, train_dataset=as_dataset(digits_tensors(12)), callbacks=callbacks)
-    trainer.train()
-    events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent))
+    events = EventAccumulator(str(next(folder.rglob("events.out.tfevents.*")).parent))
     events.Reload()
-    tags = set(events.Tags()["scalars"])
-    assert {"train/routing/avg_k", "train/loss/difficulty", "train/routing/threshold_layer_0_1"} <= tags
+    return {tag: [event.value for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.mark.parametrize("added", ["given", "add_callback", "old_pair"])
+def test_routing_metrics_reach_tensorboard_from_report_to(tmp_path, added):
+    """`report_to=["tensorboard"]` puts the integration ahead of the callbacks the Trainer is given; the routing
+    metrics reach its event files all the same, whether the callback is given, added later, or given as the
+    earlier releases' pair (then logged once, by `RoutingMetricsCallback`)."""
+    model = dare_model()
+    args = training_args(tmp_path, max_steps=3, per_device_train_batch_size=4, report_to=["tensorboard"])
+    callbacks = {
+        "given": [RoutingCallback()],
+        "add_callback": [],
+        "old_pair": [DareCallback(), RoutingMetricsCallback()],
+    }
+    trainer = Trainer(model=model, args=args, train_dataset=as_dataset(digits_tensors(12)), callbacks=callbacks[added])
+    if added == "add_callback":
+        trainer.add_callback(RoutingCallback())
+    assert any(isinstance(cb, TensorBoardCallback) for cb in trainer.callback_handler.callbacks)
+    trainer.train()
+    scalars = tensorboard_scalars(tmp_path)
+    assert {
+        "train/routing/avg_k",
+        "train/loss/difficulty",
+        "train/loss/aux",
+        "train/routing/threshold_layer_0_1",
+    } <= set(scalars)
+    assert {f"train/routing/avg_k_layer_{i}" for i in model.config.moe_layers} <= set(scalars)
     logged = [log["routing/avg_k"] for log in trainer.state.log_history if "routing/avg_k" in log]
     assert len(logged) == 3
-    assert [event.value for event in events.Scalars("train/routing/avg_k")] == pytest.approx(logged)
+    assert scalars["train/routing/avg_k"] == pytest.approx(logged)
+    recorders = [
+        cb for cb in trainer.callback_handler.callbacks if isinstance(cb, RoutingMetricsCallback) and cb.records
+    ]
+    assert len(recorders) == 1

@@ -1,6 +1,7 @@
 """Shared pieces of the training tests: a digits-as-tokens task, LLaVA-format data on disk, Trainer arguments."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,16 @@ def sgd_step_args(output_dir, batch_size: int, accumulation: int, **overrides) -
         max_grad_norm=0.0,
         **overrides,
     )
+
+
+def init_seeds() -> list[int]:
+    """The initialisation seeds the training-behaviour tests run from: 0, or those `HF_DARE_INIT_SEEDS` names
+    ("0-7" or "0,3,5"), to check that a test asserts its rule whatever the initial draw."""
+    spec = os.environ.get("HF_DARE_INIT_SEEDS", "0")
+    if "-" in spec:
+        first, last = spec.split("-")
+        return list(range(int(first), int(last) + 1))
+    return [int(seed) for seed in spec.split(",")]
 
 
 def expert_shares(counts: torch.Tensor, num_experts: int = 4) -> list[float]:

@@ -18,11 +18,12 @@ from hf_dare.training import (
     load_llava_dataset,
     predictor_optimizer_cls_and_kwargs,
 )
-from tests.tiny_models import SPECIAL_TOKENS, WORDS, llava_config, moe_config, processor
+from tests.tiny_models import SPECIAL_TOKENS, WORDS, llava_config, moe_config, processor, random_batch
 from tests.training.helpers import (
     as_dataset,
     digits_tensors,
     expert_shares,
+    init_seeds,
     llava_records,
     sentence_tensors,
     sgd_step_args,
@@ -31,9 +32,6 @@ from tests.training.helpers import (
 )
 
 PI = [0.6, 0.3, 0.09, 0.01]
-# The two 50-step convergence tests below pass from 3 of the initial draws of seeds 0-7 (the predictor or the
-# thresholds need more steps from the others); they train from one of those.
-CONVERGING_SEED = 4
 
 
 def dare_model(seed: int = 0, **overrides) -> hf_dare.MoEForCausalLM:
@@ -81,20 +79,14 @@ def test_thresholds_move_to_quantiles_of_the_step(tmp_path, per_batch):
         assert callback.last_thresholds[layer_idx] == pytest.approx(expected.tolist())
 
 
-def test_expert_fractions_reach_target_distribution(tmp_path):
-    """After training (EMA with gamma 0.5), the share of tokens using 1..M experts on the training data, with
-    the model in eval mode, is the target distribution Pi."""
-    model = dare_model(CONVERGING_SEED, threshold_momentum=0.5)
-    data = digits_tensors(8)
-    args = training_args(
-        tmp_path,
-        max_steps=50,
-        per_device_train_batch_size=8,
-        learning_rate=3e-3,
-        predictor_learning_rate=3e-3,
-        lr_scheduler_type="cosine",
-        logging_steps=10,
-    )
+@pytest.mark.parametrize("seed", init_seeds())
+def test_expert_fractions_reach_target_distribution(tmp_path, seed):
+    """The thresholds' rule, whatever the predictor: with the predictions held still (learning rate 0), the EMA
+    (gamma 0.5) takes the thresholds to the quantiles of Pi over the batch, so the shares of tokens using 1..M
+    experts on it, with the model in eval mode, are Pi (to a token of the 512: random ids, no tied predictions)."""
+    model = dare_model(seed, threshold_momentum=0.5)
+    data = random_batch(model.config, batch_size=8, seq_len=64, seed=seed)
+    args = training_args(tmp_path, max_steps=40, per_device_train_batch_size=8, learning_rate=0.0, logging_steps=10)
     trainer = MoETrainer(model=model, args=args, train_dataset=as_dataset(data))
     trainer.train()
 
@@ -102,7 +94,7 @@ def test_expert_fractions_reach_target_distribution(tmp_path):
     with torch.no_grad():
         out = model(**data)
     for counts in out.expert_counts:
-        assert expert_shares(counts) == pytest.approx(PI, abs=0.05)
+        assert expert_shares(counts) == pytest.approx(PI, abs=2 / 512)
     # The last log reports the thresholds the model ends with.
     last = trainer.state.log_history[-2]
     for layer_idx, taus in thresholds_of(model).items():
@@ -110,10 +102,13 @@ def test_expert_fractions_reach_target_distribution(tmp_path):
             assert last[f"routing/threshold_layer_{layer_idx}_{j}"] == pytest.approx(tau)
 
 
-def test_difficulty_loss_falls_and_predictor_learns(tmp_path):
+@pytest.mark.parametrize("seed", init_seeds())
+def test_difficulty_loss_falls_and_predictor_learns(tmp_path, seed):
     """On "the digit is N ." sentences only the token after "is" is hard: L_diff falls and the predictors
-    explain most of the per-token NLL (R^2 > 0.5) and rank "is" positions as the hardest."""
-    model = dare_model(CONVERGING_SEED)
+    explain most of the per-token NLL (R^2 > 0.5) and rank "is" positions as the hardest. The predictor's loss
+    is kept from the backbone (`difficulty_detach_input`): this is the predictor's own learning (with L_diff
+    reaching the backbone, the backbone learns less: see the difficulty benchmark in the README)."""
+    model = dare_model(seed, difficulty_detach_input=True)
     data = sentence_tensors(8, 8)
     args = training_args(
         tmp_path,

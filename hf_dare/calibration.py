@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import InputError, existing_model_folder
 from .modeling.configuration_moe_llava import is_distribution
 from .modeling.statistics import avg_k, avg_k_per_layer, avg_k_sums
 
@@ -48,7 +49,7 @@ def distribution_for_avg_k(avg_k: float, base: Sequence[float]) -> list[float]:
     give all tokens 1 or M experts."""
     m = len(base)
     if not 1.0 <= avg_k <= m:
-        raise ValueError(f"avg_k: got {avg_k}; allowed: 1 <= avg_k <= {m} (max_experts)")
+        raise InputError(f"avg_k: got {avg_k}; allowed: 1 <= avg_k <= {m} (max_experts)")
     if avg_k <= 1.0 or m == 1:
         return [1.0] + [0.0] * (m - 1)
     if avg_k >= m:
@@ -92,7 +93,7 @@ def thresholds_for_shares(
     sorted_values = values.detach().float().flatten().sort().values
     n = sorted_values.numel()
     if n == 0:
-        raise ValueError("no calibration tokens: the data gave no real token to this layer")
+        raise InputError("no calibration tokens: the data gave no real token to this layer")
     distinct, counts = torch.unique_consecutive(sorted_values, return_counts=True)
     # achievable[i] = number of values below distinct[i] (i < U), and n above every value (i = U).
     achievable = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).double()
@@ -134,7 +135,7 @@ def thresholds_for_shares(
 def _moe_blocks(model: nn.Module) -> list:
     blocks = getattr(model, "moe_blocks", None)
     if not blocks:
-        raise ValueError(f"{type(model).__name__} has no MoE layers to calibrate (an hf-dare MoE model is needed)")
+        raise InputError(f"{type(model).__name__} has no MoE layers to calibrate (an hf-dare MoE model is needed)")
     return blocks
 
 
@@ -214,11 +215,11 @@ def _measure(model: nn.Module, batches: list[dict], layers: Sequence[int]) -> di
 
 def _check_target(avg_k: float | None, target_distribution: Sequence[float] | None) -> None:
     if (avg_k is None) == (target_distribution is None):
-        raise ValueError("calibrate: give exactly one of avg_k and target_distribution")
+        raise InputError("calibrate: give exactly one of avg_k and target_distribution")
     if avg_k is not None and not (isinstance(avg_k, (int, float)) and math.isfinite(avg_k)):
-        raise ValueError(f"avg_k: got {avg_k!r}; allowed: a finite number")
+        raise InputError(f"avg_k: got {avg_k!r}; allowed: a finite number")
     if target_distribution is not None and not is_distribution(target_distribution):
-        raise ValueError(
+        raise InputError(
             f"target_distribution: {list(target_distribution)} sums to {sum(map(float, target_distribution)):.6g}; "
             "allowed: non-negative shares of tokens using 1..M experts that sum to 1"
         )
@@ -228,13 +229,13 @@ def _dialled_routers(routers: dict[int, str]) -> tuple[str, list[int]]:
     """The router kind the dial moves and its layers; refuses routers without a dial."""
     no_dial = sorted({name for name in routers.values() if name not in DIALS})
     if no_dial:
-        raise ValueError(
+        raise InputError(
             f"calibrate: the {', '.join(repr(n) for n in no_dial)} router has no compute dial (layers "
             f"{[i for i, n in routers.items() if n in no_dial]}); allowed: {', '.join(repr(n) for n in DIALS)}"
         )
     kinds = set(routers.values())
     if {"dare", "top_p"} <= kinds:
-        raise ValueError("calibrate: a model with both 'dare' and 'top_p' layers has two dials; calibrate one kind")
+        raise InputError("calibrate: a model with both 'dare' and 'top_p' layers has two dials; calibrate one kind")
     kind = "dare" if "dare" in kinds else "top_p" if "top_p" in kinds else "top_k"
     return kind, [i for i, name in routers.items() if name == kind]
 
@@ -251,7 +252,7 @@ def _calibrate_dare(model, batches, layers, avg_k, target_distribution) -> dict:
     m = config.max_experts
     if target_distribution is not None:
         if len(target_distribution) != m:
-            raise ValueError(
+            raise InputError(
                 f"target_distribution: has {len(target_distribution)} entries but max_experts={m}; allowed: one "
                 "share per expert count 1..max_experts"
             )
@@ -259,7 +260,7 @@ def _calibrate_dare(model, batches, layers, avg_k, target_distribution) -> dict:
         how = "the requested shares"
     else:
         if not 1.0 <= avg_k <= m:
-            raise ValueError(f"avg_k: got {avg_k}, outside 1..{m}; allowed: 1 <= avg_k <= max_experts ({m}) for DARE")
+            raise InputError(f"avg_k: got {avg_k}, outside 1..{m}; allowed: 1 <= avg_k <= max_experts ({m}) for DARE")
         pi = distribution_for_avg_k(avg_k, config.target_distribution)
         how = f"the trained Pi {[round(p, 4) for p in config.target_distribution]} tilted to mean {avg_k}"
     cumulative = list(itertools.accumulate(pi))[:-1]
@@ -282,7 +283,7 @@ def _calibrate_top_p(model, batches, layers, avg_k, iterations: int = 40) -> dic
     config = model.config
     e = config.num_experts
     if not 1.0 <= avg_k <= e:
-        raise ValueError(f"avg_k: got {avg_k}, outside 1..{e}; allowed: 1 <= avg_k <= num_experts ({e}) for top_p")
+        raise InputError(f"avg_k: got {avg_k}, outside 1..{e}; allowed: 1 <= avg_k <= num_experts ({e}) for top_p")
     blocks = [block for block in model.moe_blocks if block.layer_idx in layers]
 
     def avg_k_at(p: float) -> float:
@@ -322,15 +323,15 @@ def _calibrate_top_k(model, layers, avg_k, target_distribution) -> dict:
     if target_distribution is not None:
         nonzero = [k + 1 for k, p in enumerate(target_distribution) if p > 0]
         if len(nonzero) != 1:
-            raise ValueError(
+            raise InputError(
                 f"target_distribution: {list(target_distribution)} for the 'top_k' router, which gives every token k "
                 "experts; allowed: all tokens on one expert count (e.g. 0 1 0 0 for k=2), or an integer avg_k"
             )
         avg_k = nonzero[0]
     if not 1 <= avg_k <= e:
-        raise ValueError(f"avg_k: got {avg_k}, outside 1..{e}; allowed: 1 <= avg_k <= num_experts ({e}) for top_k")
+        raise InputError(f"avg_k: got {avg_k}, outside 1..{e}; allowed: 1 <= avg_k <= num_experts ({e}) for top_k")
     if float(avg_k) != int(avg_k):
-        raise ValueError(
+        raise InputError(
             f"avg_k: got {avg_k} for the 'top_k' router, whose dial is k (experts per token); allowed: an integer "
             f"1..{e}"
         )
@@ -361,20 +362,20 @@ def calibrate(
     memory, `labels` are ignored, and only real tokens (`attention_mask`) count, image tokens included.
     `data_description` says in the record what the data was.
 
-    Raises `ValueError` naming the problem for an Avg K outside 1..M, a distribution that does not fit the router,
+    Raises `InputError` (a `ValueError`) naming the problem for an Avg K outside 1..M, a distribution that does not fit the router,
     or a router without a dial (`ltdr`, `remoe`, `dynmoe`, `moepp`). Returns the record appended to
     `config.training_stages` (target, distribution, what was set, achieved Avg K and shares per layer)."""
     _check_target(avg_k, target_distribution)
     _moe_blocks(model)
     kind, layers = _dialled_routers(_router_names(model))
     if kind == "top_p" and target_distribution is not None:
-        raise ValueError(
+        raise InputError(
             "target_distribution: the 'top_p' router's one dial p sets the Avg K, not the shares of 1..M experts; "
             "allowed: avg_k"
         )
     batches = list(itertools.islice(dataloader, max_batches))
     if not batches:
-        raise ValueError("calibrate: the dataloader gave no batch")
+        raise InputError("calibrate: the dataloader gave no batch")
     was_training = model.training
     model.eval()
     try:
@@ -442,7 +443,7 @@ def _text_samples(path: Path) -> list[str]:
         raw = path.read_text(encoding="utf-8")
         records = json.loads(raw) if path.suffix == ".json" else [json.loads(x) for x in raw.splitlines() if x.strip()]
         if not all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in records):
-            raise ValueError(f"{path}: every record must be an object with a 'text' string")
+            raise InputError(f"{path}: every record must be an object with a 'text' string")
         return [r["text"] for r in records]
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
@@ -451,7 +452,7 @@ def _load_side(auto, model_dir, what: str):
     try:
         return auto.from_pretrained(model_dir)
     except (OSError, ValueError) as error:
-        raise ValueError(f"{model_dir}: no {what} to render the calibration data with ({error})") from error
+        raise InputError(f"{model_dir}: no {what} to render the calibration data with ({error})") from error
 
 
 def calibration_batches(
@@ -470,7 +471,7 @@ def calibration_batches(
     `max_length` tokens per sample)."""
     path = Path(data)
     if not path.is_file():
-        raise ValueError(f"calibration data {path}: no such file")
+        raise InputError(f"calibration data {path}: no such file")
     if hasattr(model.config, "vision_config"):
         from transformers import AutoProcessor
 
@@ -495,7 +496,7 @@ def calibration_batches(
             encoded = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
             batches.append({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
     if not batches:
-        raise ValueError(f"calibration data {path}: no sample")
+        raise InputError(f"calibration data {path}: no sample")
     return batches, f"{path.name} ({len(samples)} samples)"
 
 
@@ -521,7 +522,7 @@ def calibrate_checkpoint(
 
     out = check_output_folder(out, overwrite)
     _check_target(avg_k, target_distribution)
-    config = AutoConfig.from_pretrained(model_dir)
+    config = AutoConfig.from_pretrained(existing_model_folder(model_dir))
     auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
     model = auto.from_pretrained(model_dir)
     batches, description = calibration_batches(model_dir, model, data, images, batch_size, max_samples, max_length)

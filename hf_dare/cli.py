@@ -331,13 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the `hf-dare` command; returns the exit status (0 on success, 1 on a conversion error)."""
+    """Run the `hf-dare` command; returns the exit status: 0 on success, 1 when the input cannot be used (a bad
+    value, a missing path, a refused checkpoint: `hf_dare.errors.USER_ERRORS`), with the reason on one line.
+    Any other error is a bug: it propagates with its traceback."""
     args = build_parser().parse_args(argv)
-    from .conversion import ConversionError
+    from .errors import USER_ERRORS
 
     try:
         out = args.run(args)
-    except (ConversionError, ValueError) as error:
+    except USER_ERRORS as error:
         message = " ".join(str(error).split())
         print(f"hf-dare {args.command}: error: {message}", file=sys.stderr)
         return 1

@@ -132,9 +132,11 @@ def report(
     """Evaluate the saved MoE-LLaVA `model_dir` (with its processor) on LLaVA-format `data` and write the plots."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from hf_dare.errors import existing_model_folder
     from hf_dare.evaluation import evaluate_vqa
     from hf_dare.training import load_llava_dataset
 
+    existing_model_folder(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
     dataset = load_llava_dataset(data, image_folder)

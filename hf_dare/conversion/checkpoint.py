@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from hf_dare.errors import InputError
 
-class ConversionError(ValueError):
+
+class ConversionError(InputError):
     """A checkpoint cannot be converted: unsupported architecture, missing tensor, shape mismatch, unsafe
     weights format or an output folder that is in the way. The message names the culprit."""
 

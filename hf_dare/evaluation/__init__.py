@@ -9,6 +9,7 @@ import evaluate
 import torch
 from datasets import Dataset
 
+from hf_dare.errors import InputError
 from hf_dare.images import load_image
 from hf_dare.modeling.modeling_moe_llava import next_token_labels, token_nll
 from hf_dare.training.data import LlavaDataCollator, conversation_to_messages
@@ -42,7 +43,7 @@ class VqaEvaluation:
 def _split_prompt_and_answer(sample: dict) -> tuple[list[dict], str]:
     messages = conversation_to_messages(sample["conversations"])
     if messages[-1]["role"] != "assistant":
-        raise ValueError(f"sample {sample['id']!r}: the last turn must be the reference answer (from 'gpt')")
+        raise InputError(f"sample {sample['id']!r}: the last turn must be the reference answer (from 'gpt')")
     answer = "".join(part["text"] for part in messages[-1]["content"] if part["type"] == "text")
     return messages[:-1], answer
 

@@ -31,6 +31,10 @@ AUX_LOSS_REDUCTIONS = ("mean", "sum")
 DEFAULT_TARGET_DISTRIBUTION = (0.6, 0.3, 0.09, 0.01)
 
 
+class MoEConfigError(ValueError):
+    """An invalid MoE setting: the message names the field, what it got and what is allowed."""
+
+
 def is_distribution(values) -> bool:
     """Whether `values` are shares of tokens (Pi): at least one, each finite and >= 0, summing to 1 (within 1e-4)."""
     values = [float(v) for v in values]
@@ -178,7 +182,9 @@ class MoEConfigBase(PreTrainedConfig):
         """Fill derived defaults, then validate; raises `ValueError` naming the field at fault."""
         num_layers = self.text_config.num_hidden_layers
         if self.num_experts < 1:
-            raise ValueError(f"{type(self).__name__}.num_experts: got {self.num_experts}; allowed: an integer >= 1.")
+            raise MoEConfigError(
+                f"{type(self).__name__}.num_experts: got {self.num_experts}; allowed: an integer >= 1."
+            )
         if self.moe_layers is None:
             self.moe_layers = list(range(0, num_layers, 2))
         self.moe_layers = sorted(int(i) for i in self.moe_layers)
@@ -204,7 +210,7 @@ class MoEConfigBase(PreTrainedConfig):
 
     def _validate_moe_settings(self, num_layers: int) -> None:
         def fail(field: str, problem: str, allowed: str) -> None:
-            raise ValueError(f"{type(self).__name__}.{field}: {problem}; allowed: {allowed}.")
+            raise MoEConfigError(f"{type(self).__name__}.{field}: {problem}; allowed: {allowed}.")
 
         if not 1 <= self.num_experts_per_tok <= self.num_experts:
             fail(
@@ -475,12 +481,12 @@ class MoELlavaConfig(MoEConfigBase):
 
     def __post_init__(self, **kwargs):
         if self.projector_type != "mlp2x_gelu":
-            raise ValueError(
+            raise MoEConfigError(
                 f"MoELlavaConfig.projector_type: got {self.projector_type!r}; allowed: 'mlp2x_gelu' "
                 "(two linear layers with a GELU between them)."
             )
         if self.vision_feature_select_strategy not in ("default", "full"):
-            raise ValueError(
+            raise MoEConfigError(
                 f"MoELlavaConfig.vision_feature_select_strategy: got {self.vision_feature_select_strategy!r}; "
                 "allowed: 'default' (drop the CLS token) or 'full'."
             )
@@ -492,4 +498,4 @@ class MoELlavaConfig(MoEConfigBase):
         return self.text_config.model_type
 
 
-__all__ = ["MoECausalLMConfig", "MoELlavaConfig"]
+__all__ = ["MoECausalLMConfig", "MoEConfigError", "MoELlavaConfig"]

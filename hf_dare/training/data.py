@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset, Features, List, Value
 
+from hf_dare.errors import InputError
 from hf_dare.images import load_image
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -34,23 +35,23 @@ def load_llava_dataset(json_path: str | os.PathLike, image_folder: str | os.Path
     with open(path, encoding="utf-8") as f:
         records = [json.loads(line) for line in f if line.strip()] if path.suffix == ".jsonl" else json.load(f)
     if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of samples, got {type(records).__name__}")
+        raise InputError(f"{path}: expected a JSON list of samples, got {type(records).__name__}")
     rows = []
     for position, record in enumerate(records):
         sample_id = str(record.get("id", position))
         conversations = record.get("conversations")
         if not isinstance(conversations, list) or not conversations:
-            raise ValueError(f"{path}: sample {sample_id!r} has no `conversations` list")
+            raise InputError(f"{path}: sample {sample_id!r} has no `conversations` list")
         for turn in conversations:
             if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
-                raise ValueError(
+                raise InputError(
                     f"{path}: sample {sample_id!r} has a turn {turn!r}; expected {{'from': one of {sorted(ROLES)}, "
                     "'value': str}"
                 )
         images = record.get("image") or []
         images = [images] if isinstance(images, str) else list(images)
         if images and image_folder is None:
-            raise ValueError(f"{path}: sample {sample_id!r} has images but no `image_folder` was given")
+            raise InputError(f"{path}: sample {sample_id!r} has images but no `image_folder` was given")
         paths = [str(Path(image_folder) / image) for image in images]
         for image_path in paths:
             if not os.path.isfile(image_path):
@@ -116,7 +117,7 @@ class LlavaDataCollator:
             prompt = template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
             through = template(messages[: i + 1], tokenize=False)
             if not (through.startswith(prompt) and text.startswith(through)):
-                raise ValueError(
+                raise InputError(
                     "The chat template does not render a conversation as the concatenation of its turns, so the "
                     "assistant answers cannot be located for the labels."
                 )
@@ -130,12 +131,12 @@ class LlavaDataCollator:
             sample_images = list(sample.get("images") or [])
             placeholders = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in sample["conversations"])
             if placeholders != len(sample_images):
-                raise ValueError(
+                raise InputError(
                     f"Sample {sample_id!r} has {placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) but "
                     f"{len(sample_images)} image(s)."
                 )
             if sample_images and not self.has_images:
-                raise ValueError(f"Sample {sample_id!r} has images but the collator was given a tokenizer only.")
+                raise InputError(f"Sample {sample_id!r} has images but the collator was given a tokenizer only.")
             text, answer_spans = self.render(conversation_to_messages(sample["conversations"], self.has_images))
             texts.append(text)
             spans.append(answer_spans)
@@ -180,7 +181,7 @@ class LlavaDataCollator:
             kept = (truncated["input_ids"] == image_token_id).sum(1)
             total = (batch["input_ids"] == image_token_id).sum(1)
             for row in torch.nonzero(kept != total).flatten().tolist():
-                raise ValueError(
+                raise InputError(
                     f"max_length={self.max_length} cuts into the image tokens of sample "
                     f"{samples[row].get('id', row)!r}; raise max_length."
                 )

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from hf_dare.errors import InputError
+
 from .trainer import MoETrainingArguments
 
 PROJECTOR = r"(^|\.)multi_modal_projector\."
@@ -79,7 +81,7 @@ def get_stage(stage: str | TrainingStage) -> TrainingStage:
     if isinstance(stage, TrainingStage):
         return stage
     if stage not in STAGES:
-        raise ValueError(f"Unknown training stage {stage!r}; expected one of {sorted(STAGES)} or a TrainingStage.")
+        raise InputError(f"Unknown training stage {stage!r}; expected one of {sorted(STAGES)} or a TrainingStage.")
     return STAGES[stage]
 
 
@@ -94,7 +96,7 @@ def apply_stage(model: nn.Module, stage: str | TrainingStage) -> list[str]:
         if param.requires_grad:
             trainable.append(name)
     if not trainable:
-        raise ValueError(
+        raise InputError(
             f"{stage.name}: no parameter of {type(model).__name__} matches {list(stage.trainable)} "
             "(the stages expect LLaVA's layout: model.vision_tower / model.multi_modal_projector / "
             "model.language_model / lm_head)."

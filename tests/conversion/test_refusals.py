@@ -119,3 +119,41 @@ def test_failure_while_writing_leaves_nothing(dense_dirs, tmp_path, monkeypatch)
     with pytest.raises(OSError, match="disk full"):
         upcycle(dense_dirs["qwen2"], tmp_path / "out", max_shard_size="10KB")
     assert leftovers(tmp_path, "out") == []
+
+
+def test_user_mistakes_get_one_line(dense_dirs, tmp_path, capsys):
+    """A bad value, a missing path, a refused input: status 1 and the reason on one line, for every command."""
+    _refused(capsys, ["upcycle", str(tmp_path / "missing"), str(tmp_path / "out")], "no such directory")
+    _refused(
+        capsys,
+        [
+            "upcycle",
+            str(dense_dirs["qwen2"]),
+            str(tmp_path / "out"),
+            "--router",
+            "top_p",
+            "--set",
+            "top_p_threshold=2",
+        ],
+        "top_p_threshold: got 2",
+    )
+    _refused(capsys, ["report", str(tmp_path / "missing"), str(tmp_path / "data.json")], "not a saved model folder")
+    _refused(
+        capsys,
+        ["calibrate", str(tmp_path / "missing"), str(tmp_path / "data.txt"), str(tmp_path / "cal"), "--avg-k", "1.2"],
+        "not a saved model folder",
+    )
+    assert leftovers(tmp_path, "out") == [] and leftovers(tmp_path, "cal") == []
+
+
+def test_internal_errors_keep_their_traceback(dense_dirs, tmp_path, monkeypatch, capsys):
+    """An error that is not about the input (a bug) is not turned into a one-line message: it propagates."""
+    import hf_dare.conversion
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(hf_dare.conversion, "upcycle", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["upcycle", str(dense_dirs["qwen2"]), str(tmp_path / "out")])
+    assert "error:" not in capsys.readouterr().err

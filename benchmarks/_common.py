@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from hf_dare.modeling.routing import DareRouter
+from hf_dare.modeling.routers import DareRouter
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -12,7 +12,7 @@ from _common import force_dare_avg_k, setup_threads
 from generate import build_models
 
 from hf_dare.flops import flops_per_token
-from hf_dare.modeling.routing import DareRouter
+from hf_dare.modeling.routers import DareRouter
 
 
 def report(name: str, model, input_ids: torch.Tensor) -> dict:

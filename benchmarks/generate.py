@@ -55,6 +55,7 @@ from _common import DTYPES, keep_freed_memory, setup_threads, spread
 from transformers import Qwen2Config
 
 from hf_dare import MoECausalLMConfig, MoEForCausalLM
+from hf_dare.modeling.routing import top_n_routing
 
 
 def build_models(args, dtype) -> tuple[MoEForCausalLM, MoEForCausalLM]:
@@ -668,7 +669,8 @@ class MicroTimings:
         difficulty = F.softplus(predictor.down(F.silu(up))).squeeze(-1)
         counts = 1 + (difficulty[:, None] >= router.threshold_tracker.thresholds[None, :]).sum(-1)
         width = router.max_experts
-        return router.route(logits, F.softmax(logits, dim=-1), counts, width, self.dtype, difficulty)
+        probs = F.softmax(logits, dim=-1)
+        return top_n_routing(logits, probs, counts, width, self.dtype, router.norm_topk_prob, difficulty)
 
     def check_fused(self) -> bool:
         try:

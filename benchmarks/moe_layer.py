@@ -34,14 +34,15 @@ from transformers import Qwen2Config, Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeMLP, Qwen3MoeSparseMoeBlock
 
 from hf_dare import MoECausalLMConfig
-from hf_dare.modeling.modeling_moe_llava import MoEBlock
+from hf_dare.modeling.modeling_moe import MoEBlock
+from hf_dare.modeling.routers import TopKRouter
 from hf_dare.modeling.routing import (
     Routing,
     RoutingContext,
-    TopKRouter,
     load_balancing_loss,
     route_top_n,
     routing_context,
+    softmax_router,
 )
 
 IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
@@ -59,7 +60,7 @@ class FixedCountsRouter(TopKRouter):
         self.width = config.max_experts
 
     def forward(self, hidden_states, token_mask=None, vision_mask=None) -> Routing:
-        router_logits, router_probs = self.router_probs(hidden_states)
+        router_logits, router_probs = softmax_router(self.weight, hidden_states)
         indices, weights = route_top_n(router_probs, self.fixed_counts, self.width)
         return Routing(
             router_logits=router_logits,
@@ -140,7 +141,7 @@ def build_modules(args, dtype) -> dict[str, nn.Module]:
         for router in BASELINES:
             block = MoEBlock(MoECausalLMConfig(router=router, **common), 0)
             block.experts.load_state_dict(top2.experts.state_dict())
-            block.gate.init_router_weights(0.02)
+            block.gate.init_weights(0.02)
             modules[router] = block
     return {name: module.to(dtype) for name, module in modules.items()}
 
@@ -160,38 +161,35 @@ def forward_case(module: nn.Module, hidden_states: torch.Tensor):
 
 
 def train_case(module: nn.Module, hidden_states: torch.Tensor, grad_output: torch.Tensor):
-    """Forward + backward; for a DARE block also its difficulty loss and threshold bookkeeping, for the baselines
-    their router loss (and ReMoE's lambda bookkeeping)."""
+    """Forward + backward; for an MoE block also its router's losses (DARE's difficulty loss against a random
+    target, the balancing loss, the baselines' router losses) and its per-step state update (DARE's thresholds,
+    ReMoE's lambda), the state put back after each run."""
     inputs = hidden_states.detach().requires_grad_(True)
     params = list(module.parameters())
     is_block = isinstance(module, MoEBlock)
-    is_dare = is_block and hasattr(module.gate, "threshold_tracker")
-    is_remoe = is_block and hasattr(module.gate, "l1_coef")
-    target = torch.rand(hidden_states.shape[:-1]) * 4 if is_dare else None
-    saved = module.gate.threshold_tracker.thresholds.clone() if is_dare else None
-    saved_lambda = module.gate.l1_coef.clone() if is_remoe else None
+    target = torch.rand(hidden_states.shape[:-1]).reshape(-1) * 4
+    saved = {name: buffer.clone() for name, buffer in module.gate.named_buffers()} if is_block else {}
 
     def run():
         for param in params:
             param.grad = None
         inputs.grad = None
-        with routing_context(RoutingContext(with_aux_loss=is_block, observe=is_dare or is_remoe)) as context:
+        with routing_context(RoutingContext(with_aux_loss=is_block, observe=is_block)) as context:
             out = module(inputs)
         loss = (out * grad_output).sum()
         if is_block:
-            routing = context.routings[-1]
+            gate, routing = context.routers[-1], context.routings[-1]
             loss = loss + 0.01 * routing.aux_loss
-            if is_dare:
-                loss = loss + F.mse_loss(routing.difficulty.view(target.shape).float(), target)
+            if gate.uses_token_nll:
+                loss = loss + gate.token_nll_loss(routing, target, torch.ones_like(target))
             if routing.router_loss is not None:
                 loss = loss + routing.router_loss
         loss.backward()
-        if is_dare:
-            module.gate.threshold_tracker.update()
-            module.gate.threshold_tracker.thresholds.copy_(saved)
-        if is_remoe:
-            module.gate.update_routing_state()
-            module.gate.l1_coef.copy_(saved_lambda)
+        if is_block:
+            context.hand_over()
+            gate.update_state()
+            for name, buffer in gate.named_buffers():
+                buffer.copy_(saved[name])
 
     return run
 

@@ -38,7 +38,8 @@ import hf_dare
 from hf_dare.conversion import ConversionError, upcycle
 from hf_dare.evaluation import evaluate_vqa, generation_throughput
 from hf_dare.flops import flops_per_token_at
-from hf_dare.modeling.configuration_moe_llava import ROUTERS, MoEConfigBase
+from hf_dare.modeling.configuration_moe import MoEConfigBase
+from hf_dare.modeling.routing import ROUTERS, router_settings
 from hf_dare.training import LlavaDataCollator, load_llava_dataset
 from hf_dare.training.metrics import values_by_layer
 
@@ -122,8 +123,8 @@ def available(variants) -> tuple[list[Variant], dict[str, str]]:
     runnable, skipped = [], {}
     for variant in variants:
         if variant.router not in ROUTERS:
-            skipped[variant.name] = f"router {variant.router!r} not in this hf_dare's ROUTERS {ROUTERS}"
-        elif variant.needs and not hasattr(MoEConfigBase, variant.needs):
+            skipped[variant.name] = f"router {variant.router!r} not in this hf_dare's ROUTERS {list(ROUTERS)}"
+        elif variant.needs and variant.needs not in {*router_settings(), *MoEConfigBase.__annotations__}:
             skipped[variant.name] = f"config field {variant.needs!r} not in this hf_dare"
         else:
             runnable.append(variant)

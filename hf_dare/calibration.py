@@ -1,21 +1,24 @@
 """An inference-time compute dial: `calibrate` sets a trained model's routing so that it uses a requested Avg K
 (or requested shares of tokens using 1..M experts) on calibration data, without training.
 
-- DARE (`dare`): each DARE layer's thresholds tau_1 < ... < tau_{M-1} become quantiles of that layer's own
-  predictions on the calibration data, at the cumulative shares pi_1, pi_1 + pi_2, ... of the target
-  distribution. Layers are calibrated in order, each on predictions made with the layers before it already
+What moves is the routers' `Dial` (`hf_dare.modeling.routing.Dial`), by its kind:
+
+- `shares` (DARE): each layer's thresholds tau_1 < ... < tau_{M-1} become quantiles of that layer's own
+  difficulty signal on the calibration data, at the cumulative shares pi_1, pi_1 + pi_2, ... of the target
+  distribution. Layers are calibrated in order, each on signals computed with the layers before it already
   calibrated (a layer's input depends on the routing of the layers below it, so one pass per layer gives every
-  layer its exact shares). An Avg K is turned into a target distribution first (`distribution_for_avg_k`).
-- Top-p (`top_p`): the one p of the model (`config.top_p_threshold`) is searched by bisection so that the Top-p
-  layers' Avg K on the calibration data is the requested one (Avg K only: p sets no shares).
-- Top-K (`top_k`): k (`config.num_experts_per_tok`) becomes the requested Avg K, which must be an integer. In a
-  model that mixes Top-K layers with DARE or Top-p layers, only the latter are dialled: the Top-K layers keep k.
-- LTDR, ReMoE, DynMoE and MoE++ have no dial: refused.
+  layer its exact shares). An Avg K is turned into a target distribution first (`distribution_for_avg_k`), and
+  the config's distribution becomes the calibrated one, so training further keeps the dial.
+- `scalar` (Top-p's p): the one value of the model is searched by bisection so that those layers' Avg K on the
+  calibration data is the requested one (Avg K only: one number sets no shares).
+- `integer` (Top-K's k): the value becomes the requested Avg K, which must be an integer. In a model that mixes
+  such layers with layers of another dial, only the latter are dialled: the integer ones keep their value.
+- A router without a dial (LTDR, ReMoE, DynMoE, MoE++) is refused, as are two kinds of non-integer dial in one
+  model.
 
 The model runs in inference mode (`model.eval()`, no gradients: DARE's predictor dropout is off) and is left in
 the mode it came in. The calibration is recorded in `config.training_stages` (and the measured routing in
-`config.routing_statistics`), so the model card of a saved calibrated model shows it. DARE's
-`config.target_distribution` becomes the calibrated distribution, so training further keeps the dial.
+`config.routing_statistics`), so the model card of a saved calibrated model shows it.
 """
 
 import contextlib
@@ -29,11 +32,11 @@ import torch
 from torch import nn
 
 from .errors import InputError, existing_model_folder
-from .modeling.configuration_moe_llava import is_distribution
+from .modeling import MoEConfigError, MoELlavaConfig, model_class_for
+from .modeling.routers import is_distribution
+from .modeling.routing import ROUTERS, Dial, cumulative_levels
 from .modeling.statistics import avg_k, avg_k_per_layer, avg_k_sums
 
-# Routers whose compute can be dialled after training, and what moves.
-DIALS = {"dare": "thresholds", "top_p": "top_p_threshold", "top_k": "num_experts_per_tok"}
 MODEL_INPUTS_DROPPED = ("labels", "num_items_in_batch", "shift_labels")
 
 
@@ -226,30 +229,40 @@ def _check_target(avg_k: float | None, target_distribution: Sequence[float] | No
 
 
 def _dialled_routers(routers: dict[int, str]) -> tuple[str, list[int]]:
-    """The router kind the dial moves and its layers; refuses routers without a dial."""
-    no_dial = sorted({name for name in routers.values() if name not in DIALS})
+    """The router the dial moves and its layers; refuses routers without a dial and two non-integer dials."""
+    no_dial = sorted({name for name in routers.values() if ROUTERS[name].dial is None})
     if no_dial:
+        with_dial = [name for name, router in ROUTERS.items() if router.dial is not None]
         raise InputError(
             f"calibrate: the {', '.join(repr(n) for n in no_dial)} router has no compute dial (layers "
-            f"{[i for i, n in routers.items() if n in no_dial]}); allowed: {', '.join(repr(n) for n in DIALS)}"
+            f"{[i for i, n in routers.items() if n in no_dial]}); allowed: {', '.join(repr(n) for n in with_dial)}"
         )
-    kinds = set(routers.values())
-    if {"dare", "top_p"} <= kinds:
-        raise InputError("calibrate: a model with both 'dare' and 'top_p' layers has two dials; calibrate one kind")
-    kind = "dare" if "dare" in kinds else "top_p" if "top_p" in kinds else "top_k"
-    return kind, [i for i, name in routers.items() if name == kind]
+    names = list(dict.fromkeys(routers.values()))
+    finer = [name for name in names if ROUTERS[name].dial.kind != "integer"]
+    if len(finer) > 1:
+        raise InputError(
+            f"calibrate: a model with {' and '.join(repr(n) for n in finer)} layers has {len(finer)} dials; "
+            "calibrate one kind"
+        )
+    integer_settings = {ROUTERS[name].dial.setting for name in names}
+    if not finer and len(integer_settings) > 1:
+        raise InputError(f"calibrate: the routers {names} have dials on different settings; calibrate one kind")
+    chosen = finer or names
+    return ROUTERS[chosen[0]].dial, [i for i, name in routers.items() if name in chosen]
 
 
-def _predictions(model, batches, block) -> torch.Tensor:
-    """DARE's difficulty signal at `block` for every real token of the batches, (N,) on the CPU."""
+def _signals(model, batches, block) -> torch.Tensor:
+    """The difficulty signal at `block` (`Routing.difficulty`) for every real token of the batches, (N,) on the
+    CPU."""
     seen: list[torch.Tensor] = []
     _collect(model, batches, [block], lambda b, routing, mask: seen.append(_real(routing.difficulty, mask).cpu()))
     return torch.cat(seen)
 
 
-def _calibrate_dare(model, batches, layers, avg_k, target_distribution) -> dict:
+def _calibrate_shares(model, batches, layers, avg_k, target_distribution, dial: Dial) -> dict:
     config = model.config
-    m = config.max_experts
+    blocks = [block for block in model.moe_blocks if block.layer_idx in layers]
+    m = config.experts_per_token_of(config.router_for(layers[0]))
     if target_distribution is not None:
         if len(target_distribution) != m:
             raise InputError(
@@ -260,35 +273,30 @@ def _calibrate_dare(model, batches, layers, avg_k, target_distribution) -> dict:
         how = "the requested shares"
     else:
         if not 1.0 <= avg_k <= m:
-            raise InputError(f"avg_k: got {avg_k}, outside 1..{m}; allowed: 1 <= avg_k <= max_experts ({m}) for DARE")
-        pi = distribution_for_avg_k(avg_k, config.target_distribution)
-        how = f"the trained Pi {[round(p, 4) for p in config.target_distribution]} tilted to mean {avg_k}"
-    cumulative = list(itertools.accumulate(pi))[:-1]
-    blocks = [block for block in model.moe_blocks if block.layer_idx in layers]
+            raise InputError(f"avg_k: got {avg_k}, outside 1..{m}; allowed: 1 <= avg_k <= max_experts ({m})")
+        trained = getattr(config, dial.setting)
+        pi = distribution_for_avg_k(avg_k, trained)
+        how = f"the trained Pi {[round(p, 4) for p in trained]} tilted to mean {avg_k}"
+    cumulative = cumulative_levels(pi)
+    thresholds = {}
     for block in blocks:  # in layer order: each layer sees the layers below it calibrated
-        seen = _predictions(model, batches, block)
-        tracker = block.gate.threshold_tracker
-        taus = thresholds_for_shares(seen, cumulative, balance_total=avg_k is not None)
-        tracker.thresholds.copy_(taus.to(tracker.thresholds.device))
-        tracker.quantile_levels = cumulative  # further training follows the calibrated distribution
-    config.target_distribution = [float(p) for p in pi]
-    return {
-        "distribution": [float(p) for p in pi],
-        "distribution_from": how,
-        "thresholds": {b.layer_idx: b.gate.threshold_tracker.thresholds.tolist() for b in blocks},
-    }
+        taus = thresholds_for_shares(_signals(model, batches, block), cumulative, balance_total=avg_k is not None)
+        block.gate.set_thresholds(taus, cumulative)
+        thresholds[block.layer_idx] = taus.tolist()
+    setattr(config, dial.setting, [float(p) for p in pi])
+    return {"distribution": [float(p) for p in pi], "distribution_from": how, "thresholds": thresholds}
 
 
-def _calibrate_top_p(model, batches, layers, avg_k, iterations: int = 40) -> dict:
+def _calibrate_scalar(model, batches, layers, avg_k, dial: Dial, iterations: int = 40) -> dict:
     config = model.config
     e = config.num_experts
     if not 1.0 <= avg_k <= e:
-        raise InputError(f"avg_k: got {avg_k}, outside 1..{e}; allowed: 1 <= avg_k <= num_experts ({e}) for top_p")
+        raise InputError(f"avg_k: got {avg_k}, outside 1..{e}; allowed: 1 <= avg_k <= num_experts ({e})")
     blocks = [block for block in model.moe_blocks if block.layer_idx in layers]
 
-    def avg_k_at(p: float) -> float:
+    def avg_k_at(value: float) -> float:
         for block in blocks:
-            block.gate.threshold = p
+            block.gate.set_dial(value)
         totals = torch.zeros(2, dtype=torch.float64)
 
         def record(block, routing, mask):
@@ -298,7 +306,7 @@ def _calibrate_top_p(model, batches, layers, avg_k, iterations: int = 40) -> dic
         _collect(model, batches, blocks, record)
         return (totals[0] / totals[1].clamp(min=1)).item()
 
-    low, high = 0.0, 1.0
+    low, high = dial.low, dial.high
     best = (abs(avg_k_at(high) - avg_k), high)
     for _ in range(iterations):
         if best[0] <= 1e-4:
@@ -310,39 +318,47 @@ def _calibrate_top_p(model, batches, layers, avg_k, iterations: int = 40) -> dic
             low = mid
         else:
             high = mid
-    p = best[1]
+    value = best[1]
     for block in blocks:
-        block.gate.threshold = p
-    config.top_p_threshold = p
-    return {"top_p_threshold": p}
+        block.gate.set_dial(value)
+    _set_config(config, dial.setting, value)
+    return {dial.setting: value}
 
 
-def _calibrate_top_k(model, layers, avg_k, target_distribution) -> dict:
+def _calibrate_integer(model, layers, avg_k, target_distribution, dial: Dial) -> dict:
     config = model.config
     e = config.num_experts
     if target_distribution is not None:
         nonzero = [k + 1 for k, p in enumerate(target_distribution) if p > 0]
         if len(nonzero) != 1:
             raise InputError(
-                f"target_distribution: {list(target_distribution)} for the 'top_k' router, which gives every token k "
-                "experts; allowed: all tokens on one expert count (e.g. 0 1 0 0 for k=2), or an integer avg_k"
+                f"target_distribution: {list(target_distribution)} for a router that gives every token k experts; "
+                "allowed: all tokens on one expert count (e.g. 0 1 0 0 for k=2), or an integer avg_k"
             )
         avg_k = nonzero[0]
     if not 1 <= avg_k <= e:
-        raise InputError(f"avg_k: got {avg_k}, outside 1..{e}; allowed: 1 <= avg_k <= num_experts ({e}) for top_k")
+        raise InputError(f"avg_k: got {avg_k}, outside 1..{e}; allowed: 1 <= avg_k <= num_experts ({e})")
     if float(avg_k) != int(avg_k):
         raise InputError(
-            f"avg_k: got {avg_k} for the 'top_k' router, whose dial is k (experts per token); allowed: an integer "
-            f"1..{e}"
+            f"avg_k: got {avg_k} for a router whose dial is k (experts per token); allowed: an integer 1..{e}"
         )
     k = int(avg_k)
+    _set_config(config, dial.setting, k)
     for block in model.moe_blocks:
         if block.layer_idx in layers:
-            block.gate.num_experts_per_tok = k
-    config.num_experts_per_tok = k
-    if getattr(config, "tail_top_a", k) < k:  # validated against k whatever the router
-        config.tail_top_a = k
-    return {"num_experts_per_tok": k}
+            block.gate.set_dial(k)
+    return {dial.setting: k}
+
+
+def _set_config(config, field: str, value) -> None:
+    """Set the dialled config field, refusing a value the config's other settings do not allow."""
+    before = getattr(config, field)
+    setattr(config, field, value)
+    try:
+        config.validate_moe_settings()
+    except MoEConfigError as error:
+        setattr(config, field, before)
+        raise InputError(f"calibrate: {error}") from error
 
 
 def calibrate(
@@ -367,11 +383,12 @@ def calibrate(
     `config.training_stages` (target, distribution, what was set, achieved Avg K and shares per layer)."""
     _check_target(avg_k, target_distribution)
     _moe_blocks(model)
-    kind, layers = _dialled_routers(_router_names(model))
-    if kind == "top_p" and target_distribution is not None:
+    dial, layers = _dialled_routers(_router_names(model))
+    kind = model.config.router_for(layers[0])
+    if dial.kind == "scalar" and target_distribution is not None:
         raise InputError(
-            "target_distribution: the 'top_p' router's one dial p sets the Avg K, not the shares of 1..M experts; "
-            "allowed: avg_k"
+            f"target_distribution: the {kind!r} router's one dial ({dial.setting}) sets the Avg K, not the shares of "
+            "1..M experts; allowed: avg_k"
         )
     batches = list(itertools.islice(dataloader, max_batches))
     if not batches:
@@ -379,12 +396,12 @@ def calibrate(
     was_training = model.training
     model.eval()
     try:
-        if kind == "top_k":
-            setting = _calibrate_top_k(model, layers, avg_k, target_distribution)
-        elif kind == "dare":
-            setting = _calibrate_dare(model, batches, layers, avg_k, target_distribution)
-        elif kind == "top_p":
-            setting = _calibrate_top_p(model, batches, layers, avg_k)
+        if dial.kind == "integer":
+            setting = _calibrate_integer(model, layers, avg_k, target_distribution, dial)
+        elif dial.kind == "shares":
+            setting = _calibrate_shares(model, batches, layers, avg_k, target_distribution, dial)
+        else:
+            setting = _calibrate_scalar(model, batches, layers, avg_k, dial)
         achieved = _measure(model, batches, layers)
     finally:
         model.train(was_training)
@@ -393,10 +410,8 @@ def calibrate(
         {"avg_k": avg_k} if avg_k is not None else {"target_distribution": [float(p) for p in target_distribution]}
     )
     requested = f"Avg K {avg_k}" if avg_k is not None else f"shares {[float(p) for p in target_distribution]}"
-    set_text = ", ".join(
-        f"{name} {value}" for name, value in setting.items() if name in ("top_p_threshold", "num_experts_per_tok")
-    )
-    if kind == "dare":
+    set_text = f"{dial.setting} {setting.get(dial.setting)}"
+    if dial.kind == "shares":
         set_text = f"thresholds of layers {layers} set per layer at the quantiles of their own predictions"
     description = (
         f"calibrated {kind} ({set_text}, no training) for {requested}: Avg K {achieved['avg_k']:.4f} achieved on "
@@ -472,7 +487,7 @@ def calibration_batches(
     path = Path(data)
     if not path.is_file():
         raise InputError(f"calibration data {path}: no such file")
-    if hasattr(model.config, "vision_config"):
+    if isinstance(model.config, MoELlavaConfig):
         from transformers import AutoProcessor
 
         from .training.data import LlavaDataCollator, load_llava_dataset
@@ -515,7 +530,7 @@ def calibrate_checkpoint(
     """`hf-dare calibrate`: load the MoE checkpoint `model_dir`, `calibrate` it on `data` (see
     `calibration_batches`) and write the calibrated checkpoint to `out` with the tokenizer / processor files of
     `model_dir`, atomically: on any error nothing is left behind. Returns `out`."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoConfig
 
     from .conversion.checkpoint import copy_side_files
     from .conversion.writer import check_output_folder, staged_output
@@ -523,8 +538,7 @@ def calibrate_checkpoint(
     out = check_output_folder(out, overwrite)
     _check_target(avg_k, target_distribution)
     config = AutoConfig.from_pretrained(existing_model_folder(model_dir))
-    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
-    model = auto.from_pretrained(model_dir)
+    model = model_class_for(config).from_pretrained(model_dir)
     batches, description = calibration_batches(model_dir, model, data, images, batch_size, max_samples, max_length)
     calibrate(model, batches, avg_k=avg_k, target_distribution=target_distribution, data_description=description)
     with staged_output(out, overwrite) as staging:

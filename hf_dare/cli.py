@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from .modeling.configuration_moe_llava import ROUTERS
+from .modeling.routing import ROUTERS
 
 
 def _numbers(kind: type, what: str):
@@ -36,9 +36,6 @@ def _add_list_option(parser: argparse.ArgumentParser, name: str, kind: type, wha
     parser.add_argument(name, nargs="+", type=_numbers(kind, what), action=_ExtendList, default=None, help=help)
 
 
-ROUTER_NAMES = ROUTERS
-
-
 def _layer(text: str) -> int | range:
     """`5` -> 5; `2-26` -> range(2, 27) (inclusive bounds)."""
     start, dash, stop = text.strip().partition("-")
@@ -52,8 +49,8 @@ def _layer(text: str) -> int | range:
 def _router(text: str) -> str | dict[int, str]:
     """An argparse `type` for `--router`: a router name, or a router per MoE layer `0:top_k,2:dare`."""
     if ":" not in text:
-        if text not in ROUTER_NAMES:
-            raise argparse.ArgumentTypeError(f"unknown router {text!r}; allowed: {', '.join(ROUTER_NAMES)}")
+        if text not in ROUTERS:
+            raise argparse.ArgumentTypeError(f"unknown router {text!r}; allowed: {', '.join(ROUTERS)}")
         return text
     try:
         return {int(layer): name for layer, name in (part.split(":") for part in text.split(",") if part.strip())}
@@ -64,13 +61,13 @@ def _router(text: str) -> str | dict[int, str]:
 def _setting(text: str) -> tuple[str, object]:
     """An argparse `type` for `--set FIELD=VALUE`: VALUE is read as JSON (numbers, true / false, null, lists),
     else kept as text."""
-    from .conversion.upcycle import SETTABLE_FIELDS
+    from .conversion.upcycle import settable_fields
 
     field, equals, value = text.partition("=")
     field = field.strip()
-    if not equals or field not in SETTABLE_FIELDS:
+    if not equals or field not in settable_fields():
         raise argparse.ArgumentTypeError(
-            f"expected FIELD=VALUE with FIELD one of {', '.join(SETTABLE_FIELDS)}; got {text!r}"
+            f"expected FIELD=VALUE with FIELD one of {', '.join(settable_fields())}; got {text!r}"
         )
     try:
         return field, json.loads(value)
@@ -101,7 +98,7 @@ def add_upcycle_command(subparsers) -> None:
         "--router",
         type=_router,
         default="dare",
-        help=f"router of the MoE layers: {', '.join(ROUTER_NAMES)} (default dare), or one per MoE layer: "
+        help=f"router of the MoE layers: {', '.join(ROUTERS)} (default dare), or one per MoE layer: "
         "0:top_k,2:dare,...",
     )
     _add_list_option(
@@ -114,7 +111,7 @@ def add_upcycle_command(subparsers) -> None:
     )
     parser.add_argument(
         "--other-router",
-        choices=ROUTER_NAMES,
+        choices=ROUTERS,
         default="top_k",
         help="router of the MoE layers outside --router-layers (default top_k)",
     )

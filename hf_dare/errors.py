@@ -4,7 +4,7 @@ other exception is a bug and keeps its traceback."""
 
 from pathlib import Path
 
-from .modeling.configuration_moe_llava import MoEConfigError
+from .modeling.configuration_moe import MoEConfigError
 
 
 class InputError(ValueError):

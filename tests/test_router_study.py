@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from hf_dare.modeling.configuration_moe_llava import ROUTERS
+from hf_dare.modeling.configuration_moe import ROUTERS
 from tests.test_digits_vqa import load_example
 
 METRICS = (

@@ -105,34 +105,6 @@ def seeded(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
-def fresh(
-    name: str,
-    shape: tuple[int, ...],
-    dtype: torch.dtype,
-    init: str,
-    seed: int,
-    anchor: str,
-    std: float = 0.02,
-    values: Sequence[float] | None = None,
-) -> PlannedTensor:
-    """A newly initialised tensor: `init` is "normal" (mean 0, `std`), "zeros", "ones" or "values".
-
-    The random stream is seeded by (`seed`, `name`), so the result does not depend on plan order."""
-    generator_seed = seeded(seed, name)
-
-    def make(tensors: list[torch.Tensor]) -> torch.Tensor:
-        if init == "normal":
-            generator = torch.Generator().manual_seed(generator_seed)
-            return torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=generator).to(dtype)
-        if init == "zeros":
-            return torch.zeros(shape, dtype=dtype)
-        if init == "ones":
-            return torch.ones(shape, dtype=dtype)
-        return torch.tensor(list(values), dtype=dtype).reshape(shape)
-
-    return PlannedTensor(name, tuple(shape), dtype, (), make, anchor=anchor)
-
-
 def check_plan(
     plan: list[PlannedTensor],
     expected: dict[str, tuple[int, ...]],

@@ -6,24 +6,22 @@ from pathlib import Path
 import torch
 from transformers.dynamic_module_utils import custom_object_save
 
-from ..modeling import MoECausalLMConfig, MoEConfigBase, MoEForCausalLM, MoELlavaForConditionalGeneration
-from ..modeling.modeling_moe_llava import set_base_model_auto_map
-from ..modeling.routing import ROUTER_CLASSES
+from ..modeling import MoEConfigBase, model_class_for
+from ..modeling.modeling_moe import set_base_model_auto_map
+from ..modeling.routing import ROUTERS
 from .checkpoint import ConversionError
-from .plan import PlannedTensor, fresh, seeded
+from .plan import PlannedTensor, seeded
 
 CODE_FILES = (
-    "configuration_moe_llava.py",
-    "modeling_moe_llava.py",
+    "configuration_moe.py",
+    "modeling_moe.py",
     "routing.py",
+    "routers.py",
     "experts.py",
     "statistics.py",
     "model_card.py",
+    "_compat.py",
 )
-
-
-def model_class_for(config: MoEConfigBase) -> type:
-    return MoEForCausalLM if isinstance(config, MoECausalLMConfig) else MoELlavaForConditionalGeneration
 
 
 def meta_model(config: MoEConfigBase) -> torch.nn.Module:
@@ -46,54 +44,15 @@ TEXT_PREFIX = "model.language_model."
 def router_plan(
     config: MoEConfigBase, layer_idx: int, dtype: torch.dtype, seed: int, anchor: str
 ) -> list[PlannedTensor]:
-    """Freshly initialised router tensors of one MoE layer, as the model's own init does it: router and
-    predictor weights normal(0, initializer_range), biases 0, the predictor's RMSNorm 1 (DARE with the `nll`
-    proxy), DARE's thresholds at `config.initial_thresholds` (float32, like the buffer). The layer's router is
-    `config.router_for(layer_idx)`; the baselines' routers (those with an `init_router_weights`: Top-p, ReMoE,
-    DynMoE, MoE++) are initialised by that method (`baseline_router_plan`)."""
-    text = config.text_config
-    hidden = text.hidden_size
-    std = getattr(text, "initializer_range", 0.02)
-    p = f"{TEXT_PREFIX}layers.{layer_idx}.mlp.gate."
-    router_class = ROUTER_CLASSES[config.router_for(layer_idx)]
-    if hasattr(router_class, "init_router_weights"):
-        return baseline_router_plan(router_class, config, p, dtype, seed, anchor, std)
-    plan = [fresh(p + "weight", (config.num_experts, hidden), dtype, "normal", seed, anchor, std)]
-    if config.router_for(layer_idx) == "dare":
-        size = config.difficulty_predictor_size
-        d = p + "difficulty_predictor."
-        if config.difficulty_proxy == "nll":
-            plan += [
-                fresh(d + "norm.weight", (hidden,), dtype, "ones", seed, anchor),
-                fresh(d + "up.weight", (size, hidden), dtype, "normal", seed, anchor, std),
-                fresh(d + "up.bias", (size,), dtype, "zeros", seed, anchor),
-                fresh(d + "down.weight", (1, size), dtype, "normal", seed, anchor, std),
-                fresh(d + "down.bias", (1,), dtype, "zeros", seed, anchor),
-            ]
-        plan += [
-            fresh(
-                p + "threshold_tracker.thresholds",
-                (len(config.initial_thresholds),),
-                torch.float32,
-                "values",
-                seed,
-                anchor,
-                values=config.initial_thresholds,
-            ),
-        ]
-    return plan
-
-
-def baseline_router_plan(
-    router_class: type, config: MoEConfigBase, prefix: str, dtype: torch.dtype, seed: int, anchor: str, std: float
-) -> list[PlannedTensor]:
-    """The tensors of a router initialised by its own `init_router_weights(std)` (small: experts x hidden at
-    most), built once on the CPU with the global random stream seeded by (`seed`, `prefix`). Parameters take
-    `dtype`; floating buffers (ReMoE's `l1_coef`) keep their own dtype, as in the model."""
-    router = router_class(config)
+    """The freshly initialised tensors of MoE layer `layer_idx`'s router (`config.router_for(layer_idx)`): the
+    router is built (small: experts x hidden, and DARE's predictor) and initialised by its own `init_weights`, as
+    the model's init does it, with the global random stream seeded by (`seed`, the layer's prefix). Parameters
+    take `dtype`; floating buffers (DARE's thresholds, ReMoE's `l1_coef`) keep their own dtype, as in the model."""
+    prefix = f"{TEXT_PREFIX}layers.{layer_idx}.mlp.gate."
+    router = ROUTERS[config.router_for(layer_idx)](config, layer_idx)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seeded(seed, prefix))
-        router.init_router_weights(std)
+        router.init_weights(getattr(config.text_config, "initializer_range", 0.02))
     parameters = {name for name, _ in router.named_parameters()}
     plan = []
     for name, tensor in router.state_dict().items():

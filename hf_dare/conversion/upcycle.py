@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModel, PreTrainedConfig
 
 from ..modeling import MoECausalLMConfig, MoEConfigBase, MoELlavaConfig
+from ..modeling.routing import ROUTERS, router_settings
 from .checkpoint import CheckpointReader, ConversionError, copy_side_files, rename_by_rules, resolve_source
 from .plan import PlannedTensor, check_plan, copy_of, in_reading_order, stacked, stacked_gate_up
 from .targets import TEXT_PREFIX, expected_tensors, meta_model, router_plan, save_config_and_code
@@ -156,7 +157,12 @@ def _router_arguments(config: MoEConfigBase) -> list:
 _DECIDED = ("text_config", "tie_word_embeddings", "num_experts", "moe_layers", "router", "num_experts_per_tok",
             "target_distribution", "difficulty_proxy")  # fmt: skip
 _RECORDED = ("training_stages", "routing_statistics")
-SETTABLE_FIELDS = tuple(name for name in MoEConfigBase.__annotations__ if name not in _DECIDED + _RECORDED)
+
+
+def settable_fields() -> tuple[str, ...]:
+    """The MoE config fields `--set` gives: the generic ones and every registered router's settings."""
+    fields = [*MoEConfigBase.__annotations__, *router_settings()]
+    return tuple(name for name in fields if name not in _DECIDED + _RECORDED)
 
 
 def upcycle_command(src: str | Path, out: Path, config: MoEConfigBase, seed: int) -> str:
@@ -170,7 +176,7 @@ def upcycle_command(src: str | Path, out: Path, config: MoEConfigBase, seed: int
             command += f" --difficulty-proxy {config.difficulty_proxy}"
     # `--set` for every other field that differs from what the options above alone give (derived fields included).
     plain = type(config)(**{name: getattr(config, name) for name in _DECIDED})
-    for field in SETTABLE_FIELDS:
+    for field in settable_fields():
         value = getattr(config, field)
         if value != getattr(plain, field):
             command += f" --set {field}={json.dumps(value, separators=(',', ':'))}"
@@ -242,10 +248,9 @@ def upcycle(
             f"the routers ({config.router_description}) are newly initialised (seed {seed}); every other tensor is "
             "copied unchanged",
             notes=[
-                "Until the routers are trained, the model computes exactly what the dense model did."
-                if config.norm_topk_prob
-                else "norm_topk_prob=False: the experts' weights are their router probabilities, which do not sum "
-                "to 1, so the model does not compute what the dense model did."
+                f"Until the routers are trained, `{name}` (layers {', '.join(map(str, layers))}): "
+                f"{ROUTERS[name].upcycling_note(config)}."
+                for name, layers in config.layers_by_router.items()
             ],
         )
     return out

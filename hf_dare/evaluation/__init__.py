@@ -11,7 +11,7 @@ from datasets import Dataset
 
 from hf_dare.errors import InputError
 from hf_dare.images import load_image
-from hf_dare.modeling.modeling_moe_llava import next_token_labels, token_nll
+from hf_dare.modeling.modeling_moe import next_token_labels, token_nll
 from hf_dare.training.data import LlavaDataCollator, conversation_to_messages
 from hf_dare.training.metrics import RoutingMetrics
 

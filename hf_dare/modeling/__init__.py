@@ -1,7 +1,7 @@
 """The model code that ships inside every checkpoint (`trust_remote_code`): torch and transformers only."""
 
-from .configuration_moe_llava import MoECausalLMConfig, MoEConfigBase, MoELlavaConfig
-from .modeling_moe_llava import (
+from .configuration_moe import MoECausalLMConfig, MoEConfigBase, MoEConfigError, MoELlavaConfig
+from .modeling_moe import (
     MoEBlock,
     MoEExperts,
     MoEForCausalLM,
@@ -10,29 +10,33 @@ from .modeling_moe_llava import (
     MoEModel,
     MoEOutputWithPast,
     MoEPreTrainedModel,
+    model_class_for,
 )
-from .routing import (
+from .routers import (
     DareRouter,
     DifficultyPredictor,
     DynMoERouter,
     LtdrRouter,
     MoEPlusPlusRouter,
     ReMoERouter,
-    Routing,
     ThresholdTracker,
     TopKRouter,
     TopPRouter,
 )
+from .routing import ROUTERS, Dial, Router, Routing, Setting
 from .statistics import avg_k, avg_k_per_layer, avg_k_sums, expert_load, load_cv, routing_statistics
 
 __all__ = [
+    "ROUTERS",
     "DareRouter",
+    "Dial",
     "DifficultyPredictor",
     "DynMoERouter",
     "LtdrRouter",
     "MoEBlock",
     "MoECausalLMConfig",
     "MoEConfigBase",
+    "MoEConfigError",
     "MoEExperts",
     "MoEForCausalLM",
     "MoELlavaConfig",
@@ -43,7 +47,9 @@ __all__ = [
     "MoEPlusPlusRouter",
     "MoEPreTrainedModel",
     "ReMoERouter",
+    "Router",
     "Routing",
+    "Setting",
     "ThresholdTracker",
     "TopKRouter",
     "TopPRouter",
@@ -52,5 +58,6 @@ __all__ = [
     "avg_k_sums",
     "expert_load",
     "load_cv",
+    "model_class_for",
     "routing_statistics",
 ]

@@ -8,7 +8,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
-from hf_dare.modeling.routing import ThresholdTracker
+from hf_dare.modeling.routers import ThresholdTracker
 
 from .metrics import RoutingMetrics, threshold_metrics
 

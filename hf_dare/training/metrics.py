@@ -157,14 +157,11 @@ def values_by_layer(metrics: dict[str, float], prefix: str) -> dict[int, float]:
 
 
 def threshold_metrics(model: nn.Module) -> dict[str, float]:
-    """The routers' per-step state: `routing/threshold_layer_{i}_{j}`, tau_j (j = 1..M-1) of every DARE layer, and
-    `routing/l1_coef_layer_{i}`, lambda of every ReMoE layer."""
-    metrics = {}
-    for module in model.modules():
-        # hasattr, not isinstance(DareRouter): PEFT's modules_to_save wraps the router and forwards attributes.
-        if isinstance(module, MoEBlock) and hasattr(module.gate, "threshold_tracker"):
-            for j, tau in enumerate(module.gate.threshold_tracker.thresholds.tolist(), start=1):
-                metrics[f"routing/threshold_layer_{module.layer_idx}_{j}"] = tau
-        if isinstance(module, MoEBlock) and hasattr(module.gate, "l1_coef"):
-            metrics[f"routing/l1_coef_layer_{module.layer_idx}"] = module.gate.l1_coef.item()
-    return metrics
+    """The routers' per-step state under `routing/` (`Router.logged_state`): `routing/threshold_layer_{i}_{j}`, tau_j
+    (j = 1..M-1) of every DARE layer, `routing/l1_coef_layer_{i}`, lambda of every ReMoE layer..."""
+    return {
+        f"routing/{name}": value
+        for module in model.modules()
+        if isinstance(module, MoEBlock)
+        for name, value in module.gate.logged_state().items()
+    }

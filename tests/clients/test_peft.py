@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from hf_dare import MoEForCausalLM
-from hf_dare.modeling.routing import TopKRouter
+from hf_dare.modeling.routing import Router
 from hf_dare.training import MoETrainer
 from tests.modeling.test_remote_code import run_without_hf_dare
 from tests.tiny_models import moe_config
@@ -44,7 +44,7 @@ def lora_config(**overrides) -> "peft.LoraConfig":
 
 def router_name(block) -> str:
     """The router's attribute name in an MoE block (`gate`), found by type."""
-    return next(name for name, module in block.named_children() if isinstance(_unwrapped(module), TopKRouter))
+    return next(name for name, module in block.named_children() if isinstance(_unwrapped(module), Router))
 
 
 def _unwrapped(module):

@@ -93,7 +93,7 @@ def test_attention_runs_through_the_interface_with_kwargs_passed_down(tmp_path):
 def test_llava_base_model_is_what_automodel_builds_and_serves_the_full_models_hidden_states(tmp_path, router):
     full = save_llava(tmp_path / "llava", router=router)
     config = json.loads((tmp_path / "llava" / "config.json").read_text())
-    assert config["auto_map"]["AutoModel"] == "modeling_moe_llava.MoELlavaModel"
+    assert config["auto_map"]["AutoModel"] == "modeling_moe.MoELlavaModel"
     base = AutoModel.from_pretrained(tmp_path / "llava", trust_remote_code=True, attn_implementation=RECORDING).eval()
     # hf_dare's own class here (registered with AutoModel); without hf_dare, the checkpoint's (test_remote_code).
     assert type(base).__name__ == "MoELlavaModel" and type(base).is_backend_compatible()
@@ -164,9 +164,9 @@ def test_saved_llava_config_and_processor_carry_what_the_backends_read(tmp_path)
     save_llava(tmp_path / "llava", router="dare")
     raw = json.loads((tmp_path / "llava" / "config.json").read_text())
     assert raw["auto_map"] == {
-        "AutoConfig": "configuration_moe_llava.MoELlavaConfig",
-        "AutoModel": "modeling_moe_llava.MoELlavaModel",
-        "AutoModelForImageTextToText": "modeling_moe_llava.MoELlavaForConditionalGeneration",
+        "AutoConfig": "configuration_moe.MoELlavaConfig",
+        "AutoModel": "modeling_moe.MoELlavaModel",
+        "AutoModelForImageTextToText": "modeling_moe.MoELlavaForConditionalGeneration",
     }
     assert {"text_config", "vision_config", "image_token_id"} <= raw.keys()
     config = AutoConfig.from_pretrained(tmp_path / "llava", trust_remote_code=True)
@@ -199,7 +199,7 @@ def test_causal_lm_is_a_text_only_moe_whose_base_model_matches_the_checkpoint(tm
     `model`."""
     full = save_causal_lm(tmp_path / "lm", router="top_k")
     raw = json.loads((tmp_path / "lm" / "config.json").read_text())
-    assert "text_config" not in raw and raw["auto_map"]["AutoModel"] == "modeling_moe_llava.MoEModel"
+    assert "text_config" not in raw and raw["auto_map"]["AutoModel"] == "modeling_moe.MoEModel"
     config = AutoConfig.from_pretrained(tmp_path / "lm", trust_remote_code=True)
     assert config.get_text_config() is config
     assert (config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size) == (4, 2, 64)

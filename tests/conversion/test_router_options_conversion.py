@@ -145,7 +145,7 @@ ROUTER_CLASS_NAMES = {
 @pytest.mark.parametrize("router", list(ROUTER_CLASS_NAMES))
 def test_upcycle_into_the_baseline_routers(dense_dirs, tmp_path, router, capsys):
     """Every router of the config upcycles (the router study trains them all from one upcycled start): the
-    checkpoint holds exactly the model's tensors, initialised as the router's own `init_router_weights` does,
+    checkpoint holds exactly the model's tensors, initialised as the router's own `init_weights` does,
     the experts are the dense FFN, and it trains."""
     src, out = dense_dirs["qwen2"], tmp_path / router
     assert main(["upcycle", str(src), str(out), "--experts", "4", "--router", router, "--seed", "3"]) == 0, (

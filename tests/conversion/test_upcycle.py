@@ -43,13 +43,13 @@ def test_upcycled_folder_is_a_complete_checkpoint(dense_dirs, tmp_path):
         src, tmp_path / "moe", num_experts=3, router="dare", moe_layers=[1, 3], seed=0, max_shard_size="30KB"
     )
     files = {p.name for p in out.iterdir()}
-    assert {"configuration_moe_llava.py", "modeling_moe_llava.py", "routing.py"} <= files
+    assert {"configuration_moe.py", "modeling_moe.py", "routing.py"} <= files
     assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md"} <= files
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(f for f in files if f.startswith("model-"))
     assert len(shards) > 1 and set(index["weight_map"].values()) == set(shards)
     config = json.loads((out / "config.json").read_text())
-    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_moe_llava.MoEForCausalLM"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_moe.MoEForCausalLM"
     assert config["moe_layers"] == [1, 3] and config["num_experts"] == 3
     card = (out / "README.md").read_text()
     assert str(src) in card and "trust_remote_code=True" in card and "--moe-layers 1,3" in card

@@ -11,9 +11,9 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from hf_dare import MoEForCausalLM
 from hf_dare.modeling import experts as experts_module
-from hf_dare.modeling.configuration_moe_llava import ROUTERS
+from hf_dare.modeling.configuration_moe import ROUTERS
 from hf_dare.modeling.experts import TOKEN_LOOP_MAX_TOKENS, sentinel_safe_routing
-from hf_dare.modeling.modeling_moe_llava import MoEBlock
+from hf_dare.modeling.modeling_moe import MoEBlock
 from tests import tiny_models
 
 IMPLEMENTATIONS = ("eager", "hf_dare", "hf_dare_token_loop", "hf_dare_grouped_mm", "grouped_mm", "batched_mm")

@@ -190,10 +190,10 @@ def test_thresholds_stay_float32_in_a_bfloat16_model():
 
 
 def test_observed_predictions_stay_bounded_without_updates(monkeypatch):
-    from hf_dare.modeling import routing
+    from hf_dare.modeling import routers
 
-    monkeypatch.setattr(routing, "OBSERVED_LIMIT", 1000)
-    tracker = routing.ThresholdTracker([0.0, 1.0, 2.0], [0.6, 0.3, 0.09, 0.01], momentum=0.9, mode="ema")
+    monkeypatch.setattr(routers, "OBSERVED_LIMIT", 1000)
+    tracker = routers.ThresholdTracker([0.0, 1.0, 2.0], [0.6, 0.3, 0.09, 0.01], momentum=0.9, mode="ema")
     for _ in range(50):
         tracker.observe(torch.rand(4, 100), mask=torch.rand(4, 100) > 0.1)
     assert sum(values.numel() for values, _ in tracker._observed) <= 1000

@@ -47,16 +47,14 @@ def test_causal_lm_loads_and_computes_the_same_logits_without_hf_dare(tmp_path):
     model.save_pretrained(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     assert config["auto_map"] == {
-        "AutoConfig": "configuration_moe_llava.MoECausalLMConfig",
-        "AutoModel": "modeling_moe_llava.MoEModel",
-        "AutoModelForCausalLM": "modeling_moe_llava.MoEForCausalLM",
+        "AutoConfig": "configuration_moe.MoECausalLMConfig",
+        "AutoModel": "modeling_moe.MoEModel",
+        "AutoModelForCausalLM": "modeling_moe.MoEForCausalLM",
     }
     # A text-only model's config: the decoder's fields at the top level, no nested text config.
     assert "text_config" not in config and config["decoder_model_type"] == "qwen3"
     assert config["hidden_size"] == model.config.hidden_size
-    assert {"configuration_moe_llava.py", "modeling_moe_llava.py", "routing.py"} <= {
-        p.name for p in model_dir.iterdir()
-    }
+    assert {"configuration_moe.py", "modeling_moe.py", "routing.py"} <= {p.name for p in model_dir.iterdir()}
     batch = random_batch(model.config)
     with torch.no_grad():
         save_file(

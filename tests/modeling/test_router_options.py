@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from hf_dare import MoEBlock, MoEForCausalLM
 from hf_dare.flops import activated_parameters
-from hf_dare.modeling.routing import DareRouter, TopKRouter, load_balancing_loss, within_capacity
+from hf_dare.modeling.routers import DareRouter, TopKRouter
+from hf_dare.modeling.routing import load_balancing_loss, within_capacity
 from hf_dare.training import MoETrainer
 from hf_dare.training.metrics import RoutingMetrics
 from tests.tiny_models import calibrate_thresholds, moe_config, random_batch, randomise
@@ -203,7 +204,7 @@ def test_training_top2_matches_deepspeed_top2gating():
     l_aux, combine = deepspeed_top2gating(routing.router_logits, 0.5, 2, noise)
 
     torch.testing.assert_close(dense_weights(routing.expert_indices, routing.expert_weights), combine)
-    torch.testing.assert_close(block.gate.aux_loss(routing), l_aux)
+    torch.testing.assert_close(block.gate.balancing_loss(routing), l_aux)
     torch.testing.assert_close(out, block_reference(block, flat, combine), atol=1e-5, rtol=1e-5)
     kept = (combine > 0).sum(1)
     assert torch.equal(routing.expert_counts, kept)
@@ -262,9 +263,9 @@ def test_top1_balancing_loss_and_sum_over_layers():
     block = top2_block(aux_loss_fraction="top1")
     routing = block.gate(torch.randn(3, HIDDEN))
     routing.router_probs = probs
-    torch.testing.assert_close(block.gate.aux_loss(routing), 4 * (top1 * probs.mean(0)).sum())
+    torch.testing.assert_close(block.gate.balancing_loss(routing), 4 * (top1 * probs.mean(0)).sum())
     slots = top2_block()  # f_i over every routed slot (hf-dare's default)
-    torch.testing.assert_close(slots.gate.aux_loss(routing), load_balancing_loss(probs, routing.expert_indices))
+    torch.testing.assert_close(slots.gate.balancing_loss(routing), load_balancing_loss(probs, routing.expert_indices))
 
     batch = random_batch(moe_config(), seq_len=10)
     losses = {}

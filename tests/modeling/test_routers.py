@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 from hf_dare import MoEForCausalLM, MoELlavaForConditionalGeneration
 from hf_dare.flops import activated_parameters
 from hf_dare.modeling import DynMoERouter, MoEBlock, MoEPlusPlusRouter, ReMoERouter, TopPRouter
-from hf_dare.modeling.routing import RoutingContext, routing_context, top_p_counts
+from hf_dare.modeling.routers import top_p_counts
+from hf_dare.modeling.routing import RoutingContext, routing_context
 from tests.modeling.test_batch_invariance import (
     test_image_sample_is_the_same_alone_and_batched_with_other_images as check_image_batch_invariance,
 )
@@ -383,7 +384,7 @@ def test_moepp_heterogeneous_balancing_weighs_zero_computation_experts_by_tau():
     f = torch.bincount(top.flatten(), minlength=8).float() / top.numel()
     eta = torch.tensor([1.0] * 4 + [0.25] * 4)
     expected = 8 * (eta * f * routing.router_probs.mean(0)).sum()
-    torch.testing.assert_close(router.aux_loss(routing), expected)
+    torch.testing.assert_close(router.balancing_loss(routing), expected)
 
 
 # --- configuration ---------------------------------------------------------------------------------------------

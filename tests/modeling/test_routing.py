@@ -4,7 +4,8 @@ from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 from hf_dare import MoEBlock, MoEForCausalLM, ThresholdTracker
-from hf_dare.modeling.routing import DareRouter, LtdrRouter, load_balancing_loss, route_top_n
+from hf_dare.modeling.routers import DareRouter, LtdrRouter
+from hf_dare.modeling.routing import load_balancing_loss, route_top_n
 from tests.tiny_models import moe_config, random_batch
 
 HIDDEN = 32
@@ -141,14 +142,14 @@ def test_ltdr_balancing_loss_ignores_vision_tokens():
     hidden_states = torch.randn(30, HIDDEN)
     vision_mask = torch.arange(30) < 12
     routing = router(hidden_states, vision_mask=vision_mask)
-    aux_loss = router.aux_loss(routing, vision_mask=vision_mask)
+    aux_loss = router.balancing_loss(routing, vision_mask=vision_mask)
     text_only = load_balancing_loss(routing.router_probs[~vision_mask], routing.expert_indices[~vision_mask])
     torch.testing.assert_close(aux_loss, text_only)
     # Changing the vision tokens does not change the loss.
     changed = hidden_states.clone()
     changed[vision_mask] = torch.randn(12, HIDDEN) * 5
     torch.testing.assert_close(
-        router.aux_loss(router(changed, vision_mask=vision_mask), vision_mask=vision_mask), aux_loss
+        router.balancing_loss(router(changed, vision_mask=vision_mask), vision_mask=vision_mask), aux_loss
     )
 
 

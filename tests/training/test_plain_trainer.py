@@ -44,12 +44,15 @@ def test_plain_trainer_accumulation_gives_the_weights_of_one_batch(tmp_path):
 
 def test_plain_trainer_with_balancing_is_no_further_off_than_moe_trainer(tmp_path):
     gaps = {}
+    initial = dict(dare_model().named_parameters())
     for trainer_class in (Trainer, MoETrainer):
         whole = one_sgd_step(tmp_path, trainer_class, 8, 1, router_aux_loss_coef=0.5)
         accumulated = one_sgd_step(tmp_path, trainer_class, 2, 4, router_aux_loss_coef=0.5)
         gaps[trainer_class] = max_gap(whole, accumulated)
     assert gaps[Trainer] <= gaps[MoETrainer] + 1e-7
-    assert gaps[Trainer] < 1e-3  # only the balancing loss differs: its statistics are per micro-batch
+    # Only the balancing loss differs (its statistics are per micro-batch): 0.05-0.17% of the step's largest
+    # weight change from init seeds 0-7.
+    assert gaps[Trainer] < 0.01 * max_gap(whole, initial)
 
 
 def test_plain_trainer_with_the_one_callback_logs_routing_metrics(tmp_path):

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import Trainer
 
 import hf_dare
-from hf_dare.modeling.modeling_moe_llava import token_nll
+from hf_dare.modeling.modeling_moe import token_nll
 from hf_dare.training import (
     DareCallback,
     LlavaDataCollator,

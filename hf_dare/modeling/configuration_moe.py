@@ -9,36 +9,23 @@ config is built.
 
 import functools
 import inspect
-import math
 
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+# `routers` registers the routers, whose settings are this config's fields.
+from . import routers  # noqa: F401
 from ._compat import DATACLASS_CONFIGS, NATIVE_SUB_CONFIG_SPECS, SubConfigSpec
+from .routers import is_distribution  # noqa: F401  (where it was)
+from .routing import ROUTERS, router_settings
 
-# top_k / dare / ltdr, then the DARE paper's baselines (its Table 1): Top-p, ReMoE, DynMoE and MoE++.
-ROUTERS = ("top_k", "dare", "ltdr", "top_p", "remoe", "dynmoe", "moepp")
-THRESHOLD_UPDATES = ("ema", "per_batch")
-# DARE's difficulty signal (the paper's Table 4 ablation): the predictor trained toward the next-token NLL, a fixed
-# pseudo-random signal, or the entropy of the router's probabilities.
-DIFFICULTY_PROXIES = ("nll", "random", "router_entropy")
-# f_i of the load-balancing loss: share of all routed (token, expert) slots, or of the tokens' top-1 experts
-# (DeepSpeed's `top2gating`, as MoE-LLaVA trains).
 AUX_LOSS_FRACTIONS = ("routed_slots", "top1")
 AUX_LOSS_REDUCTIONS = ("mean", "sum")
-# The DARE paper's target distribution for Qwen2-1.5B with 4 experts.
-DEFAULT_TARGET_DISTRIBUTION = (0.6, 0.3, 0.09, 0.01)
 
 
 class MoEConfigError(ValueError):
     """An invalid MoE setting: the message names the field, what it got and what is allowed."""
-
-
-def is_distribution(values) -> bool:
-    """Whether `values` are shares of tokens (Pi): at least one, each finite and >= 0, summing to 1 (within 1e-4)."""
-    values = [float(v) for v in values]
-    return bool(values) and all(math.isfinite(v) and v >= 0 for v in values) and abs(sum(values) - 1.0) <= 1e-4
 
 
 class MoEConfigBase(PreTrainedConfig):
@@ -47,48 +34,19 @@ class MoEConfigBase(PreTrainedConfig):
     - `num_experts` (E): experts per MoE layer. `moe_layers`: decoder layers whose FFN is an MoE layer
       (default: every other layer from 0, the MoE-LLaVA layout). `moe_intermediate_size`: expert width
       (default: the backbone's `intermediate_size`, as in upcycling).
-    - `router`: `"top_k"` (MoE-LLaVA), `"dare"` (difficulty-aware) or `"ltdr"` (long-tail vision tokens) for
-      every MoE layer, or a router per MoE layer: a dict {layer index: router name} naming every MoE layer
-      (the DARE paper's DARE on layers 2-26, Top-2 on the others). `routers` / `router_for(i)` read it.
-    - `num_experts_per_tok` (k): experts per token for `top_k`, and per ordinary token for `ltdr`.
+    - `router`: the name of a registered router (`hf_dare.modeling.routing.ROUTERS`: `"top_k"`, `"dare"`,
+      `"ltdr"`, `"top_p"`, `"remoe"`, `"dynmoe"`, `"moepp"`...) for every MoE layer, or a router per MoE layer: a
+      dict {layer index: router name} naming every MoE layer (the DARE paper's DARE on layers 2-26, Top-2 on the
+      others). `routers` / `router_for(i)` read it.
+    - `num_experts_per_tok` (k): experts per token of the top-k routers (and per ordinary token for `ltdr`).
     - `norm_topk_prob`: renormalise the chosen experts' weights to sum 1 per token (default; what makes an
-      upcycled model compute the dense one), or keep their softmax probabilities (`top_k`, `dare`, `ltdr`).
-    - DeepSpeed's `top2gating` (MoE-LLaVA's training), options of `top_k`: `second_expert_sampling` (in
-      training, experts 2..k by argmax of logits + Gumbel noise), `capacity_factor` / `eval_capacity_factor`
-      (training / inference; None: no capacity) with `min_capacity`: an expert takes at most
-      max(ceil(k * factor * T / E), min_capacity) of the T real tokens' slots, top-1 choices first, in token
-      order; a slot over capacity is dropped (its weight goes, the residual carries the token).
-    - DARE: `target_distribution` (Pi, the wanted fraction of tokens using 1..M experts, sums to 1;
-      default 0.6/0.3/0.09/0.01 for M=4, uniform otherwise), `max_experts` (M = len(Pi), default
-      min(4, E)), `initial_thresholds` (tau_1..tau_{M-1}, strictly increasing, default 0, 1, 2...),
-      `threshold_momentum` (gamma of the EMA), `threshold_update` (`"ema"` or `"per_batch"`),
-      `difficulty_predictor_size` / `difficulty_predictor_dropout`, `difficulty_detach_input` (the
-      difficulty loss does not reach the backbone), `difficulty_loss_coef` (alpha), `difficulty_proxy`
-      (`"nll"`: the predictor trained toward the next-token NLL; `"random"`: a fixed pseudo-random function of
-      the hidden state, no predictor; `"router_entropy"`: -sum P log P of the router, no predictor).
+      upcycled model compute the dense one), or keep their softmax probabilities.
     - `router_aux_loss_coef` (beta): weight of the load-balancing loss; `aux_loss_fraction`: its f_i over all
       routed slots (`"routed_slots"`) or the tokens' top-1 experts (`"top1"`, DeepSpeed's); and
       `router_aux_loss_reduction`: the model's `aux_loss` is the `"mean"` or the `"sum"` (MoE-LLaVA's) over layers.
-    - LTDR: `tail_top_a`, the experts a tail vision token uses (default E).
-    - The DARE paper's baselines (`hf_dare.modeling.routing`). A router's own training terms (`router_loss`) come
-      with their own coefficients, outside beta:
-      - `top_p` (Huang et al. 2024): the smallest set of most probable experts whose probabilities reach
-        `top_p_threshold` (p, 0 < p <= 1, default 0.9999 as in the DARE paper), renormalised
-        (`norm_topk_prob`); dynamic loss (entropy of P) weighted by `top_p_dynamic_loss_coef` (default 3e-7).
-      - `remoe` (Wang et al. 2024): G = ReLU(W h), every expert with G_i > 0, output sum_i G_i E_i(h); L1
-        penalty lambda * mean_t sum_i f_i G_i with lambda from `remoe_initial_l1_coef` (default 1e-8, > 0)
-        times `remoe_l1_coef_multiplier` (alpha, default 1.2, > 1) or divided by it once per optimizer step
-        toward `remoe_target_sparsity` (default None: 1 - k/E; 0 <= s < 1); `remoe_load_balancing` (default
-        True): f_i the expert's load (the paper's load-balanced L1), else 1. No other balancing loss.
-      - `dynmoe` (Guo et al. 2024, top-any): expert i active when sigmoid(cos(h, w_i)) > sigmoid(theta_i),
-        trainable theta; the best expert when none is; regularisers weighted by `dynmoe_diversity_coef`,
-        `dynmoe_simplicity_coef` and `dynmoe_efficiency_coef` (default 0.01 each, >= 0: DynMoE's weights under
-        beta = 0.01).
-      - `moepp` (Jin et al. 2024, MoE++): top-`num_experts_per_tok` over the E FFN experts plus
-        `moepp_zero_experts` (default 1), `moepp_copy_experts` (default 1) and `moepp_constant_experts`
-        (default 2) zero-computation experts (integers >= 0); `moepp_gating_residual` (default True): logits
-        add a learned map of the previous MoE++ layer's; `moepp_tau` (default 0.75, >= 0): weight of the
-        zero-computation experts in the heterogeneous load-balancing loss.
+    - Every registered router's own settings (`Router.settings`: DARE's `target_distribution`, Top-p's
+      `top_p_threshold`...) are fields too, each with its default, checked whatever the router (so a config can
+      switch routers); docs/routers.md lists them.
     - `training_stages` / `routing_statistics`: what training recorded, shown in the saved model card.
     """
 
@@ -98,38 +56,9 @@ class MoEConfigBase(PreTrainedConfig):
     router: str | dict[int, str] = "top_k"
     num_experts_per_tok: int = 2
     norm_topk_prob: bool = True
-    second_expert_sampling: bool = False
-    capacity_factor: float | None = None
-    eval_capacity_factor: float | None = None
-    min_capacity: int = 0
-    max_experts: int | None = None
-    target_distribution: list[float] | None = None
-    initial_thresholds: list[float] | None = None
-    threshold_momentum: float = 0.9
-    threshold_update: str = "ema"
-    difficulty_predictor_size: int = 256
-    difficulty_predictor_dropout: float = 0.1
-    difficulty_detach_input: bool = False
-    difficulty_loss_coef: float = 1.0
-    difficulty_proxy: str = "nll"
     router_aux_loss_coef: float = 0.01
     aux_loss_fraction: str = "routed_slots"
     router_aux_loss_reduction: str = "mean"
-    tail_top_a: int | None = None
-    top_p_threshold: float = 0.9999
-    top_p_dynamic_loss_coef: float = 3e-7
-    remoe_initial_l1_coef: float = 1e-8
-    remoe_l1_coef_multiplier: float = 1.2
-    remoe_target_sparsity: float | None = None
-    remoe_load_balancing: bool = True
-    dynmoe_diversity_coef: float = 0.01
-    dynmoe_simplicity_coef: float = 0.01
-    dynmoe_efficiency_coef: float = 0.01
-    moepp_zero_experts: int = 1
-    moepp_copy_experts: int = 1
-    moepp_constant_experts: int = 2
-    moepp_gating_residual: bool = True
-    moepp_tau: float = 0.75
     tie_word_embeddings: bool = False
     # Provenance for the model card: appended by training (`hf_dare.training`), not read by the model.
     training_stages: list[dict] | None = None
@@ -167,6 +96,8 @@ class MoEConfigBase(PreTrainedConfig):
                 setattr(self, key, CONFIG_MAPPING[sub_config.get("model_type", spec.model_type)](**sub_config))
 
     def __post_init__(self, **kwargs):
+        for setting in router_settings().values():  # the routers' settings: fields with their defaults
+            setattr(self, setting.name, kwargs.pop(setting.name, setting.default))
         if not NATIVE_SUB_CONFIG_SPECS:
             self._build_sub_configs()
         if DATACLASS_CONFIGS:
@@ -179,7 +110,7 @@ class MoEConfigBase(PreTrainedConfig):
         self._resolve_moe_settings()
 
     def _resolve_moe_settings(self) -> None:
-        """Fill derived defaults, then validate; raises `ValueError` naming the field at fault."""
+        """Fill derived defaults, then validate; raises `MoEConfigError` naming the field at fault."""
         num_layers = self.text_config.num_hidden_layers
         if self.num_experts < 1:
             raise MoEConfigError(
@@ -194,24 +125,16 @@ class MoEConfigBase(PreTrainedConfig):
             self.router = dict(sorted(router.items())) if all(isinstance(k, int) for k in keys) else router
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.text_config.intermediate_size
-        if self.target_distribution is None:
-            m = self.max_experts or min(len(DEFAULT_TARGET_DISTRIBUTION), self.num_experts)
-            uniform = [1.0 / m] * m
-            self.target_distribution = list(DEFAULT_TARGET_DISTRIBUTION) if m == 4 else uniform
-        self.target_distribution = [float(p) for p in self.target_distribution]
-        if self.max_experts is None:
-            self.max_experts = len(self.target_distribution)
-        if self.initial_thresholds is None:
-            self.initial_thresholds = [float(j) for j in range(self.max_experts - 1)]
-        self.initial_thresholds = [float(t) for t in self.initial_thresholds]
-        if self.tail_top_a is None:
-            self.tail_top_a = self.num_experts
-        self._validate_moe_settings(num_layers)
+        self.validate_moe_settings(num_layers)
 
-    def _validate_moe_settings(self, num_layers: int) -> None:
-        def fail(field: str, problem: str, allowed: str) -> None:
-            raise MoEConfigError(f"{type(self).__name__}.{field}: {problem}; allowed: {allowed}.")
+    def _fail(self, field: str, problem: str, allowed: str) -> None:
+        raise MoEConfigError(f"{type(self).__name__}.{field}: {problem}; allowed: {allowed}.")
 
+    def validate_moe_settings(self, num_layers: int | None = None) -> None:
+        """Fill the routers' derived defaults and check every MoE setting (raises `MoEConfigError` naming the
+        field at fault): the layout, then each registered router's settings and their relations."""
+        fail = self._fail
+        num_layers = self.text_config.num_hidden_layers if num_layers is None else num_layers
         if not 1 <= self.num_experts_per_tok <= self.num_experts:
             fail(
                 "num_experts_per_tok",
@@ -226,57 +149,22 @@ class MoEConfigBase(PreTrainedConfig):
         self._validate_router(fail)
         if self.moe_intermediate_size < 1:
             fail("moe_intermediate_size", f"got {self.moe_intermediate_size}", "an integer >= 1")
-        pi = self.target_distribution
-        if len(pi) != self.max_experts:
-            fail(
-                "target_distribution",
-                f"has {len(pi)} entries but max_experts={self.max_experts}",
-                "one probability per expert count 1..max_experts",
-            )
-        if not 1 <= self.max_experts <= self.num_experts:
-            fail(
-                "max_experts", f"got {self.max_experts} with num_experts={self.num_experts}", f"1..{self.num_experts}"
-            )
-        if not is_distribution(pi):
-            fail("target_distribution", f"{pi} sums to {sum(pi):.6g}", "non-negative values that sum to 1")
-        taus = self.initial_thresholds
-        if len(taus) != self.max_experts - 1:
-            fail(
-                "initial_thresholds",
-                f"has {len(taus)} entries but max_experts={self.max_experts}",
-                f"{self.max_experts - 1} values (max_experts - 1)",
-            )
-        if any(b <= a for a, b in zip(taus, taus[1:], strict=False)):
-            fail("initial_thresholds", f"{taus} is not strictly increasing", "strictly increasing values")
-        if not 0.0 <= self.threshold_momentum < 1.0:
-            fail("threshold_momentum", f"got {self.threshold_momentum}", "0 <= gamma < 1")
-        if self.threshold_update not in THRESHOLD_UPDATES:
-            fail("threshold_update", f"got {self.threshold_update!r}", ", ".join(repr(u) for u in THRESHOLD_UPDATES))
-        if self.difficulty_predictor_size < 1:
-            fail("difficulty_predictor_size", f"got {self.difficulty_predictor_size}", "an integer >= 1")
-        if not 0.0 <= self.difficulty_predictor_dropout < 1.0:
-            fail("difficulty_predictor_dropout", f"got {self.difficulty_predictor_dropout}", "0 <= p < 1")
-        if self.difficulty_loss_coef < 0:
-            fail("difficulty_loss_coef", f"got {self.difficulty_loss_coef}", "a value >= 0")
-        if self.router_aux_loss_coef < 0:
-            fail("router_aux_loss_coef", f"got {self.router_aux_loss_coef}", "a value >= 0")
-        if self.difficulty_proxy not in DIFFICULTY_PROXIES:
-            fail("difficulty_proxy", f"got {self.difficulty_proxy!r}", ", ".join(repr(p) for p in DIFFICULTY_PROXIES))
+        if not isinstance(self.norm_topk_prob, bool):
+            fail("norm_topk_prob", f"got {self.norm_topk_prob!r}", "True or False")
+        if not (isinstance(self.router_aux_loss_coef, (int, float)) and self.router_aux_loss_coef >= 0):
+            fail("router_aux_loss_coef", f"got {self.router_aux_loss_coef!r}", "a value >= 0")
         if self.aux_loss_fraction not in AUX_LOSS_FRACTIONS:
-            fail(
-                "aux_loss_fraction", f"got {self.aux_loss_fraction!r}", ", ".join(repr(f) for f in AUX_LOSS_FRACTIONS)
-            )
+            allowed = ", ".join(repr(f) for f in AUX_LOSS_FRACTIONS)
+            fail("aux_loss_fraction", f"got {self.aux_loss_fraction!r}", allowed)
         if self.router_aux_loss_reduction not in AUX_LOSS_REDUCTIONS:
             allowed = ", ".join(repr(r) for r in AUX_LOSS_REDUCTIONS)
             fail("router_aux_loss_reduction", f"got {self.router_aux_loss_reduction!r}", allowed)
-        self._validate_top_k_options(fail)
-        if not self.num_experts_per_tok <= self.tail_top_a <= self.num_experts:
-            fail(
-                "tail_top_a",
-                f"got {self.tail_top_a} with num_experts_per_tok={self.num_experts_per_tok}, num_experts={self.num_experts}",
-                f"num_experts_per_tok <= tail_top_a <= {self.num_experts}",
-            )
-        self._validate_baseline_routers(fail)
+        for setting in router_settings().values():
+            setting.check(getattr(self, setting.name), fail)
+        used = set(self.routers.values())
+        for name, router in ROUTERS.items():
+            router.resolve_settings(self)
+            router.validate(self, fail, name in used)
 
     def _validate_router(self, fail) -> None:
         """`router`: a known router name, or a dict naming the router of every MoE layer and of MoE layers only."""
@@ -301,53 +189,6 @@ class MoEConfigBase(PreTrainedConfig):
         if missing:
             fail("router", f"no router for MoE layers {missing}", "one router name for every layer of moe_layers")
 
-    def _validate_top_k_options(self, fail) -> None:
-        """DeepSpeed's top-2 options (Gumbel sampling, capacity) are `top_k`'s: refused without a `top_k` layer."""
-        for name in ("capacity_factor", "eval_capacity_factor"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and value > 0):
-                fail(name, f"got {value!r}", "None (no capacity) or a number > 0")
-        if not isinstance(self.min_capacity, int) or self.min_capacity < 0:
-            fail("min_capacity", f"got {self.min_capacity!r}", "an integer >= 0")
-        for name in ("norm_topk_prob", "second_expert_sampling"):
-            if not isinstance(getattr(self, name), bool):
-                fail(name, f"got {getattr(self, name)!r}", "True or False")
-        if "top_k" not in self.routers.values():
-            for name in ("second_expert_sampling", "capacity_factor", "eval_capacity_factor"):
-                if getattr(self, name) not in (None, False):
-                    fail(
-                        name, f"set to {getattr(self, name)!r} but no MoE layer uses the 'top_k' router", "the default"
-                    )
-
-    def _validate_baseline_routers(self, fail) -> None:
-        """The settings of the DARE paper's baseline routers (top_p, remoe, dynmoe, moepp), checked whatever the router."""
-
-        def is_number(value) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-        if not (is_number(self.top_p_threshold) and 0.0 < self.top_p_threshold <= 1.0):
-            fail("top_p_threshold", f"got {self.top_p_threshold!r}", "0 < p <= 1")
-        for name in ("top_p_dynamic_loss_coef", "dynmoe_diversity_coef", "dynmoe_simplicity_coef",
-                     "dynmoe_efficiency_coef", "moepp_tau"):  # fmt: skip
-            value = getattr(self, name)
-            if not (is_number(value) and value >= 0):
-                fail(name, f"got {value!r}", "a number >= 0")
-        if not (is_number(self.remoe_initial_l1_coef) and self.remoe_initial_l1_coef > 0):
-            fail("remoe_initial_l1_coef", f"got {self.remoe_initial_l1_coef!r}", "a number > 0 (lambda only scales)")
-        if not (is_number(self.remoe_l1_coef_multiplier) and self.remoe_l1_coef_multiplier > 1):
-            fail("remoe_l1_coef_multiplier", f"got {self.remoe_l1_coef_multiplier!r}", "a number > 1")
-        target = self.remoe_target_sparsity
-        if target is not None and not (is_number(target) and 0.0 <= target < 1.0):
-            allowed = "None (1 - num_experts_per_tok / num_experts) or 0 <= s < 1"
-            fail("remoe_target_sparsity", f"got {target!r}", allowed)
-        for name in ("remoe_load_balancing", "moepp_gating_residual"):
-            if not isinstance(getattr(self, name), bool):
-                fail(name, f"got {getattr(self, name)!r}", "True or False")
-        for name in ("moepp_zero_experts", "moepp_copy_experts", "moepp_constant_experts"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                fail(name, f"got {value!r}", "an integer >= 0")
-
     @property
     def routers(self) -> dict[int, str]:
         """The router of every MoE layer: {layer index: router name}, in layer order."""
@@ -364,26 +205,24 @@ class MoEConfigBase(PreTrainedConfig):
         return name in self.routers.values()
 
     @property
-    def router_description(self) -> str:
-        """The router for display: `dare`, or `dare (layers 2, 4) + top_k (layers 0, 6)` for a mixed model."""
+    def layers_by_router(self) -> dict[str, list[int]]:
+        """{router name: its MoE layers}, in order of first use."""
         by_name: dict[str, list[int]] = {}
         for layer_idx, name in self.routers.items():
             by_name.setdefault(name, []).append(layer_idx)
+        return by_name
+
+    @property
+    def router_description(self) -> str:
+        """The router for display: `dare`, or `dare (layers 2, 4) + top_k (layers 0, 6)` for a mixed model."""
+        by_name = self.layers_by_router
         if len(by_name) <= 1:
             return next(iter(by_name), self.router if isinstance(self.router, str) else "none")
         return " + ".join(f"{name} (layers {', '.join(map(str, layers))})" for name, layers in by_name.items())
 
     def experts_per_token_of(self, router: str) -> int:
         """Width of the routing index under `router`: the most experts a token can use."""
-        return {
-            "top_k": self.num_experts_per_tok,
-            "dare": self.max_experts,
-            "ltdr": self.tail_top_a,
-            "top_p": self.num_experts,
-            "remoe": self.num_experts,
-            "dynmoe": self.num_experts,
-            "moepp": self.num_experts_per_tok,  # FFN experts among its top-k
-        }[router]
+        return ROUTERS[router].width(self)
 
     @property
     def max_experts_per_token(self) -> int:
@@ -392,11 +231,15 @@ class MoEConfigBase(PreTrainedConfig):
 
 
 @functools.cache
+def _generic_config_fields() -> frozenset[str]:
+    return frozenset(PreTrainedConfig().to_dict())
+
+
 def _fields_not_of_decoders() -> frozenset[str]:
-    """What every config has (`PreTrainedConfig`'s fields), the MoE settings but `tie_word_embeddings`, and
-    `decoder_model_type`."""
-    generic = set(PreTrainedConfig().to_dict()) | set(MoEConfigBase.__annotations__) | {"decoder_model_type"}
-    return frozenset(generic - {"tie_word_embeddings"})
+    """What every config has (`PreTrainedConfig`'s fields), the MoE settings (the routers' included) but
+    `tie_word_embeddings`, and `decoder_model_type`."""
+    generic = _generic_config_fields() | set(MoEConfigBase.__annotations__) | set(router_settings())
+    return frozenset((generic | {"decoder_model_type"}) - {"tie_word_embeddings"})
 
 
 class MoECausalLMConfig(MoEConfigBase):
@@ -498,4 +341,4 @@ class MoELlavaConfig(MoEConfigBase):
         return self.text_config.model_type
 
 
-__all__ = ["MoECausalLMConfig", "MoEConfigError", "MoELlavaConfig"]
+__all__ = ["MoECausalLMConfig", "MoEConfigBase", "MoEConfigError", "MoELlavaConfig"]

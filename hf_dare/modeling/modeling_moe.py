@@ -37,7 +37,7 @@ from ._compat import (
     output_cache,
     register_vision_model_level,
 )
-from .configuration_moe_llava import MoECausalLMConfig, MoEConfigBase, MoELlavaConfig
+from .configuration_moe import MoECausalLMConfig, MoEConfigBase, MoELlavaConfig
 from .experts import (
     HF_DARE_KERNELS,
     default_experts_implementation,
@@ -45,14 +45,7 @@ from .experts import (
     sorted_experts_forward,
 )
 from .model_card import GENERATED_MARKER, render_model_card
-from .routing import (
-    ROUTER_CLASSES,
-    RoutingContext,
-    ThresholdTracker,
-    TopKRouter,
-    current_routing_context,
-    routing_context,
-)
+from .routing import ROUTERS, RoutingContext, current_routing_context, routing_context
 from .statistics import expert_load
 
 register_vision_model_level(MoELlavaConfig.model_type)
@@ -101,7 +94,7 @@ class MoEBlock(nn.Module):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        self.gate = ROUTER_CLASSES[config.router_for(layer_idx)](config)
+        self.gate = ROUTERS[config.router_for(layer_idx)](config, layer_idx)
         self.experts = MoEExperts(config)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -111,9 +104,8 @@ class MoEBlock(nn.Module):
         token_mask, vision_mask = context.masks_for(batch_size, seq_len) if context is not None else (None, None)
         routing = self.gate(flat, token_mask, vision_mask)
         if context is not None and context.with_aux_loss:
-            routing.aux_loss = self.gate.aux_loss(routing, token_mask, vision_mask)
-            if hasattr(self.gate, "router_loss"):  # the baseline routers' own terms (Top-p, ReMoE, DynMoE)
-                routing.router_loss = self.gate.router_loss(routing, token_mask, vision_mask)
+            routing.aux_loss = self.gate.balancing_loss(routing, token_mask, vision_mask)
+            routing.router_loss = self.gate.router_loss(routing, token_mask, vision_mask)
         index, weights = sentinel_safe_routing(
             routing.expert_indices,
             routing.expert_weights,
@@ -123,8 +115,8 @@ class MoEBlock(nn.Module):
         out = self.experts(flat, index, weights)
         if routing.zero_computation_output is not None:  # MoE++'s zero / copy / constant experts
             out = out + routing.zero_computation_output
-        if context is not None and context.record:
-            context.routings.append(routing)
+        if context is not None:
+            context.add(self.gate, routing)
         return out.view(batch_size, seq_len, hidden_dim)
 
 
@@ -225,31 +217,20 @@ class MoEModelMixin:
             return
         card = Path(save_directory) / "README.md"
         if not card.exists() or GENERATED_MARKER in card.read_text(encoding="utf-8"):
-            auto_class = self._auto_class or (
-                "AutoModelForImageTextToText" if hasattr(self.config, "vision_config") else "AutoModelForCausalLM"
-            )
-            card.write_text(render_model_card(self.config, auto_class), encoding="utf-8")
+            card.write_text(render_model_card(self.config, self._auto_class), encoding="utf-8")
 
     @torch.no_grad()
     def initialize_weights(self):
         # The MoE modules live inside the backbone, whose own `_init_weights` does not know them: initialise
-        # them here first (only what is not loaded) and mark them, then let transformers do the rest.
+        # them here first and mark them, then let transformers do the rest. `transformers.initialization`'s
+        # functions skip the tensors that were loaded.
         std = getattr(self.config.get_text_config(), "initializer_range", 0.02)
-        for module in self.modules():
-            if getattr(module, "_is_hf_initialized", False):
-                continue
-            if isinstance(module, MoEExperts):
-                init.normal_(module.gate_up_proj, mean=0.0, std=std)
-                init.normal_(module.down_proj, mean=0.0, std=std)
-            elif hasattr(module, "init_router_weights"):  # routers with more than `weight` (the baselines)
-                module.init_router_weights(std)
-            elif isinstance(module, TopKRouter):
-                init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, ThresholdTracker):
-                init.copy_(module.thresholds, torch.tensor(module.initial_thresholds))
-            else:
-                continue
-            module._is_hf_initialized = True
+        for block in self.moe_blocks:
+            init.normal_(block.experts.gate_up_proj, mean=0.0, std=std)
+            init.normal_(block.experts.down_proj, mean=0.0, std=std)
+            block.gate.init_weights(std)
+            for module in (*block.experts.modules(), *block.gate.modules()):
+                module._is_hf_initialized = True
         super().initialize_weights()
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, *args, **kwargs):
@@ -284,21 +265,12 @@ class MoEModelMixin:
         return super().get_correct_experts_implementation(requested_experts)
 
     def update_routing_state(self) -> dict[int, dict]:
-        """The routers' per-step state, moved once per optimizer step on every rank (`hf_dare.training.DareCallback`
-        calls it): DARE's thresholds toward the quantiles of the difficulties predicted since the last call,
-        ReMoE's L1 coefficient toward its target sparsity (a router's own `update_routing_state`). Returns what
-        moved by layer index: `{"thresholds": [...]}` (DARE), `{"l1_coef": ..., "sparsity": ...}` (ReMoE)."""
+        """Every router's per-step state, moved once per optimizer step on every rank (`Router.update_state`: DARE's
+        thresholds, ReMoE's L1 coefficient; `hf_dare.training.RoutingCallback` calls it). Returns what moved by
+        layer index: `{"thresholds": [...]}` (DARE), `{"l1_coef": ..., "sparsity": ...}` (ReMoE)."""
         updated = {}
         for block in self.moe_blocks:
-            # Duck-typed, not isinstance: PEFT's `modules_to_save` wraps the gate (ModulesToSaveWrapper), which
-            # forwards attribute access to the trained copy.
-            state = {}
-            if hasattr(block.gate, "threshold_tracker"):
-                thresholds = block.gate.threshold_tracker.update()
-                if thresholds is not None:
-                    state["thresholds"] = thresholds.tolist()
-            if hasattr(block.gate, "update_routing_state"):
-                state.update(block.gate.update_routing_state() or {})
+            state = block.gate.update_state()
             if state:
                 updated[block.layer_idx] = state
         return updated
@@ -349,17 +321,17 @@ class MoEModelMixin:
         router_losses = [r.router_loss for r in routings if r.router_loss is not None]
         router_loss = torch.stack(router_losses).mean() if router_losses else None
         difficulty = tuple(r.difficulty.view(batch_size, seq_len) for r in routings if r.difficulty is not None)
-        # L_diff trains the predictors; a proxy without one (random, router entropy) has no loss.
-        predicted = tuple(r.difficulty.view(batch_size, seq_len) for r in routings if r.predicted_difficulty)
+        # Losses against the model's own next-token NLL (DARE's predictors; not its proxies without one).
+        nll_routings = [(gate, r) for gate, r in zip(context.routers, routings, strict=True) if gate.uses_token_nll]
         losses = {}
         if labels is not None:
-            losses = self.routing_loss(logits, labels, predicted, aux_loss, router_loss=router_loss, **loss_kwargs)
+            losses = self.routing_loss(logits, labels, nll_routings, aux_loss, router_loss=router_loss, **loss_kwargs)
         # Off in generation unless asked for (`prepare_inputs_for_generation`): nobody reads them there.
         statistics = loss_kwargs.get("output_routing_statistics", True)
         router_logits = None
         if loss_kwargs.get("output_router_logits", getattr(self.config, "output_router_logits", False)):
             router_logits = tuple(r.router_logits for r in routings)
-        return MoEOutputWithPast(
+        output = MoEOutputWithPast(
             loss=losses.get("loss"),
             aux_loss=aux_loss,
             logits=logits,
@@ -380,12 +352,14 @@ class MoEModelMixin:
             **{CACHE_ARGUMENT: output_cache(outputs)},
             **extra,
         )
+        context.hand_over()  # the forward completed: the routers take what they observed
+        return output
 
     def routing_loss(
         self,
         logits: torch.Tensor,
         labels: torch.Tensor,
-        difficulty: tuple[torch.Tensor, ...],
+        nll_routings: list,
         aux_loss: torch.Tensor | None,
         num_items_in_batch: torch.Tensor | int | None = None,
         shift_labels: torch.Tensor | None = None,
@@ -393,8 +367,10 @@ class MoEModelMixin:
         **kwargs,
     ) -> dict:
         """`loss` = CE + share * (alpha * L_diff + beta * L_lb + L_router), with its parts. CE is transformers'
-        causal-LM loss (`self.loss_function`: `num_items_in_batch`, `shift_labels`); DARE's target is the model's
-        own next-token NLL, detached, at the positions with a label (text); L_router the routers' own terms."""
+        causal-LM loss (`self.loss_function`: `num_items_in_batch`, `shift_labels`); L_diff the mean over the
+        `nll_routings` ((router, routing) pairs) of their `token_nll_loss` against the model's own next-token NLL,
+        detached, at the positions with a label (text), each weighted by its router's `token_nll_loss_coef`
+        (DARE's alpha); L_router the routers' own terms."""
         config = self.config
         targets = next_token_labels(labels, shift_labels)
         text = targets != -100
@@ -405,12 +381,12 @@ class MoEModelMixin:
             logits, labels, config.get_text_config().vocab_size, num_items_in_batch=count, shift_labels=shift_labels
         )
         routing_loss, difficulty_loss = 0.0, None
-        if difficulty:
-            # Masked sums (no boolean indexing) keep the host out of it and give 0 when there is no text label.
-            nll, weight = token_nll(logits, targets), text.float()
-            squared_errors = torch.stack([((d.float() - nll) ** 2 * weight).sum() for d in difficulty])
-            difficulty_loss = squared_errors.mean() / text_tokens.clamp(min=1)
-            routing_loss = config.difficulty_loss_coef * difficulty_loss
+        if nll_routings:
+            # Masked means (no boolean indexing) keep the host out of it and give 0 when there is no text label.
+            nll, weight = token_nll(logits, targets).reshape(-1), text.reshape(-1).float()
+            per_layer = [(gate, gate.token_nll_loss(routing, nll, weight)) for gate, routing in nll_routings]
+            difficulty_loss = torch.stack([loss for _, loss in per_layer]).mean()
+            routing_loss = torch.stack([gate.token_nll_loss_coef * loss for gate, loss in per_layer]).mean()
         if aux_loss is not None:
             routing_loss = routing_loss + config.router_aux_loss_coef * aux_loss
         if router_loss is not None:  # already weighted by the routers' own coefficients
@@ -663,6 +639,11 @@ class MoELlavaForConditionalGeneration(
         )
 
 
+def model_class_for(config: MoEConfigBase) -> type[PreTrainedModel]:
+    """The model class of an MoE config: the causal LM, or MoE-LLaVA (a config with a vision tower)."""
+    return MoELlavaForConditionalGeneration if isinstance(config, MoELlavaConfig) else MoEForCausalLM
+
+
 __all__ = [
     "MoEBlock",
     "MoEExperts",
@@ -672,4 +653,5 @@ __all__ = [
     "MoELlavaModel",
     "MoEOutputWithPast",
     "MoEPreTrainedModel",
+    "model_class_for",
 ]

@@ -213,7 +213,7 @@ class DecodeProbe:
             started[0] = time.perf_counter()
             if self.decoding:
                 # A slot is used when it names an expert with a nonzero weight: kernels that cannot skip the
-                # sentinel get it as a weight-0 slot of the last expert.
+                # sentinel get it as a weight-0 slot of an expert the token uses.
                 index, weights = values["top_k_index"], values["top_k_weights"]
                 used = (index < self.num_experts) & (weights != 0)
                 self.indices.append((self.forwards, position, torch.where(used, index, self.num_experts)))

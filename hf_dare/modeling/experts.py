@@ -12,8 +12,10 @@ A router that gives tokens a variable number of experts pads each token's slots 
 - `hf_dare_grouped_mm`: one grouped matmul per projection (`torch.nn.functional.grouped_mm`) over the slots
   sorted by expert, sentinel slots past the last group. The default with CUDA.
 
-transformers' own `grouped_mm` / `batched_mm` work too: they get the sentinel slots as slots of the last
-expert with weight 0 (exact, but computed, so they cost as much as the widest routing).
+transformers' own `grouped_mm` / `batched_mm` work too, and so does an experts module that replaced ours (vLLM's
+fused MoE in its transformers backend): they get each sentinel slot as a weight-0 slot of an expert the token
+already uses (`padded_routing`; exact, but computed, so they cost as many rows as the widest routing, and no
+other expert's weights).
 """
 
 import torch
@@ -114,7 +116,7 @@ HF_DARE_KERNELS = {
     "hf_dare_grouped_mm": grouped_mm_experts_forward,
 }
 SENTINEL_KERNELS = {"eager", *HF_DARE_KERNELS}
-"""Implementations that skip sentinel slots; the others get them as weight-0 slots of the last expert."""
+"""Implementations that skip sentinel slots; the others get them as weight-0 slots (`padded_routing`)."""
 
 for _name, _kernel in HF_DARE_KERNELS.items():
     ExpertsInterface.register(_name, _kernel)
@@ -126,12 +128,48 @@ def default_experts_implementation() -> str:
     return "hf_dare_grouped_mm" if torch.cuda.is_available() else "hf_dare"
 
 
+def padded_routing(
+    top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing (T, K), (T, K) without sentinels, for kernels that compute every slot: each sentinel slot
+    names the token's first used expert (expert 0 for a token that uses none: ReMoE, MoE++) with weight 0 and
+    no gradient. The output is the same; a kernel that works expert by expert (vLLM's fused MoE) reads no other
+    expert's weights for it, only one more row of one it already runs (vLLM's own zero-expert router pads
+    with expert 0, which costs a second expert's weights when the token does not use expert 0)."""
+    sentinel = top_k_index >= num_experts
+    first_used = torch.argmin(sentinel.int(), dim=-1, keepdim=True)  # the first slot that is not a sentinel
+    own = top_k_index.gather(-1, first_used)
+    own = own.masked_fill(own >= num_experts, 0)
+    return torch.where(sentinel, own, top_k_index), top_k_weights.masked_fill(sentinel, 0.0)
+
+
+def used_slots_forward(
+    experts: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    num_experts: int,
+) -> torch.Tensor:
+    """Another library's experts module, which computes every slot it is given (vLLM's fused MoE), on the used
+    slots only: one row per used slot (width 1), summed back per token, so it computes T x Avg K rows, not T x K.
+    Data-dependent shapes and one host sync: eager only; compiled or in a CUDA graph capture, `padded_routing`.
+    (T, H), (T, K) with the sentinel `num_experts`, (T, K) -> (T, H)."""
+    capturing = hidden_states.is_cuda and torch.cuda.is_current_stream_capturing()
+    if torch.compiler.is_compiling() or capturing:
+        return experts(hidden_states, *padded_routing(top_k_index, top_k_weights, num_experts))
+    tokens, slots = (top_k_index < num_experts).nonzero(as_tuple=True)
+    out = torch.zeros_like(hidden_states)
+    if tokens.numel():
+        rows = experts(hidden_states[tokens], top_k_index[tokens, slots, None], top_k_weights[tokens, slots, None])
+        out.index_add_(0, tokens, rows.to(out.dtype))
+    return out
+
+
 def sentinel_safe_routing(
     top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int, implementation: str | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The routing (T, K), (T, K) as the kernel `implementation` can take it: with sentinels for ours; for the
-    others, sentinel slots moved to the last expert with weight 0 and no gradient (the output is the same)."""
+    others (any name but ours and `eager`), `padded_routing`."""
     if implementation in SENTINEL_KERNELS or implementation is None:
         return top_k_index, top_k_weights
-    sentinel = top_k_index >= num_experts
-    return top_k_index.masked_fill(sentinel, num_experts - 1), top_k_weights.masked_fill(sentinel, 0.0)
+    return padded_routing(top_k_index, top_k_weights, num_experts)

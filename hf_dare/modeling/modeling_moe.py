@@ -43,6 +43,7 @@ from .experts import (
     default_experts_implementation,
     sentinel_safe_routing,
     sorted_experts_forward,
+    used_slots_forward,
 )
 from .model_card import GENERATED_MARKER, render_model_card
 from .routing import ROUTERS, RoutingContext, current_routing_context, routing_context
@@ -97,6 +98,15 @@ class MoEBlock(nn.Module):
         self.gate = ROUTERS[config.router_for(layer_idx)](config, layer_idx)
         self.experts = MoEExperts(config)
 
+    def owns_experts(self) -> bool:
+        """Whether `experts` is still an `MoEExperts` (PEFT's wrappers around it included), whose kernels skip
+        the sentinel slots; not once a serving backend has put its own in its place (vLLM's transformers
+        backend puts its fused MoE there when it leaves the routing to this block)."""
+        experts = self.experts
+        while not isinstance(experts, MoEExperts) and isinstance(getattr(experts, "base_layer", None), nn.Module):
+            experts = experts.base_layer  # PEFT's LoRA wrappers of the expert parameters
+        return isinstance(experts, MoEExperts)
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_size, seq_len, hidden_dim = hidden_states.shape
         flat = hidden_states.reshape(-1, hidden_dim)
@@ -106,13 +116,12 @@ class MoEBlock(nn.Module):
         if context is not None and context.with_aux_loss:
             routing.aux_loss = self.gate.balancing_loss(routing, token_mask, vision_mask)
             routing.router_loss = self.gate.router_loss(routing, token_mask, vision_mask)
-        index, weights = sentinel_safe_routing(
-            routing.expert_indices,
-            routing.expert_weights,
-            self.config.num_experts,
-            self.config._experts_implementation,
-        )
-        out = self.experts(flat, index, weights)
+        index, weights, num_experts = routing.expert_indices, routing.expert_weights, self.config.num_experts
+        if self.owns_experts():
+            index, weights = sentinel_safe_routing(index, weights, num_experts, self.config._experts_implementation)
+            out = self.experts(flat, index, weights)
+        else:  # a serving backend's experts, which compute every slot: the used ones only, no sentinel
+            out = used_slots_forward(self.experts, flat, index, weights, num_experts)
         if routing.zero_computation_output is not None:  # MoE++'s zero / copy / constant experts
             out = out + routing.zero_computation_output
         if context is not None:

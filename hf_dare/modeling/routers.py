@@ -513,8 +513,12 @@ def top_p_counts(router_probs: torch.Tensor, threshold: float) -> torch.Tensor:
     """(T, E) probabilities -> (T,) long: the size of each token's smallest set of most probable experts whose
     probabilities add up to `threshold` (p), at least 1. An expert is kept when the experts ranked above it
     hold less than p."""
-    ranked = torch.sort(router_probs, dim=-1, descending=True).values
-    above = F.pad(ranked.cumsum(-1)[:, :-1], (1, 0))
+    return ranked_top_p_counts(torch.sort(router_probs, dim=-1, descending=True).values, threshold)
+
+
+def ranked_top_p_counts(ranked_probs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """`top_p_counts` of probabilities already sorted in descending order, (T, E) -> (T,) long."""
+    above = F.pad(ranked_probs.cumsum(-1)[:, :-1], (1, 0))
     return (above < threshold).sum(-1).clamp(min=1)
 
 
@@ -550,9 +554,19 @@ class TopPRouter(Router, name="top_p"):
         vision_mask: torch.Tensor | None = None,
     ) -> Routing:
         router_logits, router_probs = softmax_router(self.weight, hidden_states)
-        expert_counts = top_p_counts(router_probs, self.threshold)
-        return top_n_routing(
-            router_logits, router_probs, expert_counts, self.num_experts, hidden_states.dtype, self.norm_topk_prob
+        # One sort ranks the experts and gives each token's count. A sort, not a top-k: vLLM's transformers
+        # backend takes a block whose router is top-k(softmax(linear)) of a `weight` alone for a fixed top-k and
+        # routes it with its own top-`num_experts_per_tok`, which is not top-p.
+        ranked_probs, ranked_experts = torch.sort(router_probs, dim=-1, descending=True)
+        expert_counts = ranked_top_p_counts(ranked_probs, self.threshold)
+        used = torch.arange(self.num_experts, device=router_probs.device)[None, :] < expert_counts[:, None]
+        indices, weights = route_slots(router_probs, ranked_experts, used, self.norm_topk_prob)
+        return Routing(
+            router_logits=router_logits,
+            router_probs=router_probs,
+            expert_indices=indices,
+            expert_weights=weights.to(hidden_states.dtype),
+            expert_counts=expert_counts,
         )
 
     def balancing_loss(self, routing, token_mask=None, vision_mask=None) -> torch.Tensor:

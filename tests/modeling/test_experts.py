@@ -12,7 +12,12 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from hf_dare import MoEForCausalLM
 from hf_dare.modeling import experts as experts_module
 from hf_dare.modeling.configuration_moe import ROUTERS
-from hf_dare.modeling.experts import TOKEN_LOOP_MAX_TOKENS, sentinel_safe_routing
+from hf_dare.modeling.experts import (
+    TOKEN_LOOP_MAX_TOKENS,
+    padded_routing,
+    sentinel_safe_routing,
+    used_slots_forward,
+)
 from hf_dare.modeling.modeling_moe import MoEBlock
 from tests import tiny_models
 
@@ -223,3 +228,84 @@ def test_decoding_with_each_kernel_gives_eager_tokens_and_scores_for_every_route
         other_tokens, other_scores, _ = decode(implementation)
         assert torch.equal(other_tokens, tokens), implementation
         torch.testing.assert_close(other_scores, scores, atol=1e-4, rtol=1e-4, msg=implementation)
+
+
+def test_padded_routing_names_an_expert_each_token_already_uses_with_weight_0():
+    """Kernels that compute every slot (transformers' grouped_mm, vLLM's fused MoE) get no sentinel: each unused
+    slot names the token's first used expert (expert 0 for a token that uses none) with weight 0, so a kernel
+    that runs expert by expert reads no other expert's weights for it; the output is the same."""
+    indices, weights = variable_routing()
+    indices[0] = torch.tensor([NUM_EXPERTS, 2, NUM_EXPERTS, NUM_EXPERTS])  # MoE++: a zero-computation expert first
+    weights[0] = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    indices[1] = NUM_EXPERTS  # ReMoE: no expert at all
+    weights[1] = 0.0
+    padded, padded_weights = padded_routing(indices, weights, NUM_EXPERTS)
+    sentinel = indices == NUM_EXPERTS
+    assert padded.max() < NUM_EXPERTS and padded.min() >= 0
+    assert torch.equal(padded[~sentinel], indices[~sentinel]) and torch.equal(padded_weights, weights)
+    for token in range(NUM_TOKENS):
+        used = set(indices[token][~sentinel[token]].tolist()) or {0}
+        assert set(padded[token].tolist()) == used, token
+    experts = dare_block().experts
+    hidden_states = torch.randn(NUM_TOKENS, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            experts(hidden_states, padded, padded_weights), naive_experts(experts, hidden_states, indices, weights)
+        )
+
+
+def test_a_block_hands_no_sentinel_to_experts_it_does_not_own():
+    """A serving backend may put its own experts module in the block (vLLM's transformers backend puts its fused
+    MoE there and leaves the routing to the block): that module gets valid experts only. PEFT's wrappers around
+    `MoEExperts` do not count as another module: the sentinel stays, hf-dare's kernels skip it."""
+    block = dare_block().eval()
+    block.gate.threshold_tracker.thresholds.copy_(torch.tensor([-1e9, 1e9, 2e9]))  # 2 experts per token of 4
+    hidden_states = torch.randn(1, 6, 32)
+    with torch.no_grad():
+        expected = block(hidden_states)
+    calls = []
+
+    class ServingExperts(torch.nn.Module):
+        def __init__(self, experts):
+            super().__init__()
+            self.inner = experts
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            calls.append(top_k_index)
+            return naive_experts(self.inner, hidden_states, top_k_index, top_k_weights)
+
+    class Wrapper(torch.nn.Module):  # what PEFT's ParamWrapper looks like from the block
+        def __init__(self, experts):
+            super().__init__()
+            self.base_layer = experts
+
+        def forward(self, *args):
+            calls.append(args[1])
+            return self.base_layer(*args)
+
+    ours = block.experts
+    for replacement, owned in ((ServingExperts(ours), False), (Wrapper(Wrapper(ours)), True)):
+        block.experts, calls[:] = replacement, []
+        assert block.owns_experts() is owned
+        with torch.no_grad():
+            torch.testing.assert_close(block(hidden_states), expected)
+        assert calls and bool((calls[0] == NUM_EXPERTS).any()) is owned
+        if not owned:  # eagerly, the used slots only: one row (width 1) per token and expert used
+            assert calls[0].shape == (6 * 2, 1) and int(calls[0].max()) < NUM_EXPERTS
+
+
+def test_used_slots_forward_computes_only_the_used_slots_and_matches_the_reference():
+    """`used_slots_forward`: a kernel that computes every slot it is given gets T x Avg K rows of width 1."""
+    indices, weights = variable_routing()
+    experts = dare_block().experts
+    hidden_states = torch.randn(NUM_TOKENS, 32)
+    seen = []
+
+    def every_slot(hidden, index, weight):  # a fused kernel that would read every slot's expert
+        seen.append(index)
+        return naive_experts(experts, hidden, index, weight)
+
+    with torch.no_grad():
+        out = used_slots_forward(every_slot, hidden_states, indices, weights, NUM_EXPERTS)
+    torch.testing.assert_close(out, naive_experts(experts, hidden_states, indices, weights))
+    assert seen[0].shape == (int((indices < NUM_EXPERTS).sum()), 1) and int(seen[0].max()) < NUM_EXPERTS

@@ -108,7 +108,8 @@ def test_quick_study_writes_tables_json_and_plots(tmp_path):
     assert [p["target_avg_k"] for p in dial] == [1.0, 2.0]
     for point in dial:
         assert point["calibration_avg_k"] == pytest.approx(point["target_avg_k"], abs=0.02)
-    assert dial[0]["avg_k"] == pytest.approx(1.0)
+    # On the test questions: a held-out token may predict above every calibration token, and use a second expert.
+    assert dial[0]["avg_k"] == pytest.approx(1.0, abs=0.02)
     markdown = (report / "results.md").read_text()
     assert "| `dare` |" in markdown and "| `moepp` |" in markdown and "| `dare_pi_inverse` |" in markdown
     assert "Compute dial" in markdown and "frontier.png" in markdown and "Δ vs top_k" in markdown

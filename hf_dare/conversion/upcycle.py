@@ -156,7 +156,7 @@ def _router_arguments(config: MoEConfigBase) -> list:
 # command's own options decide, and those hf-dare records itself.
 _DECIDED = ("text_config", "tie_word_embeddings", "num_experts", "moe_layers", "router", "num_experts_per_tok",
             "target_distribution", "difficulty_proxy")  # fmt: skip
-_RECORDED = ("training_stages", "routing_statistics")
+_RECORDED = ("training_stages", "routing_statistics", "moe_config_version")
 
 
 def settable_fields() -> tuple[str, ...]:

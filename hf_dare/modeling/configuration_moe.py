@@ -24,6 +24,11 @@ AUX_LOSS_FRACTIONS = ("routed_slots", "top1")
 AUX_LOSS_REDUCTIONS = ("mean", "sum")
 
 
+# The meaning of a saved MoE config's fields: 2 from hf-dare 0.2 (router protocol, settings of the originals' code);
+# files without `moe_config_version` are hf-dare 0.1's, upgraded on loading (`Router.upgrade_config_dict`).
+MOE_CONFIG_VERSION = 2
+
+
 class MoEConfigError(ValueError):
     """An invalid MoE setting: the message names the field, what it got and what is allowed."""
 
@@ -63,6 +68,7 @@ class MoEConfigBase(PreTrainedConfig):
     # Provenance for the model card: appended by training (`hf_dare.training`), not read by the model.
     training_stages: list[dict] | None = None
     routing_statistics: dict | None = None
+    moe_config_version: int = MOE_CONFIG_VERSION
 
     if not DATACLASS_CONFIGS:  # transformers < 5.4
 
@@ -84,6 +90,17 @@ class MoEConfigBase(PreTrainedConfig):
         @property
         def sub_configs(self) -> dict:
             return {key: spec.config_class for key, spec in self.sub_configs_defaults.items()}
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """transformers' `from_dict`; a config saved before config versions (hf-dare 0.1, no `moe_config_version`)
+        is first upgraded so that it means what it meant then (each router's `upgrade_config_dict`)."""
+        if "moe_config_version" not in config_dict:
+            config_dict = dict(config_dict)
+            for router in ROUTERS.values():
+                router.upgrade_config_dict(config_dict)
+            config_dict["moe_config_version"] = MOE_CONFIG_VERSION
+        return super().from_dict(config_dict, **kwargs)
 
     def _build_sub_configs(self) -> None:
         """What transformers >= 5.20 does with `sub_configs_defaults`: a sub-config given as a dict (or not

@@ -197,6 +197,19 @@ def next_token_labels(labels: torch.Tensor, shift_labels: torch.Tensor | None = 
     return F.pad(labels[:, 1:], (0, 1), value=-100)
 
 
+def next_text_targets(
+    input_ids: torch.Tensor, token_mask: torch.Tensor | None, vision_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """(B, L): the next token's id at every position where this token and the next are real text tokens (not
+    padding, not image tokens), -100 elsewhere (and at the last position)."""
+    text = torch.ones_like(input_ids, dtype=torch.bool) if token_mask is None else token_mask.bool()
+    if vision_mask is not None:
+        text = text & ~vision_mask
+    next_ids = F.pad(input_ids[:, 1:], (0, 1), value=-100)
+    next_is_text = F.pad(text[:, 1:], (0, 1), value=False)
+    return next_ids.masked_fill(~(text & next_is_text), -100)
+
+
 @torch.no_grad()
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Next-token NLL at every position, detached: (B, L, V), (B, L) next-token labels -> (B, L), 0 at -100."""
@@ -290,15 +303,27 @@ class MoEModelMixin:
         return {i: state["thresholds"] for i, state in self.update_routing_state().items() if "thresholds" in state}
 
     def routing_context(
-        self, attention_mask: torch.Tensor | None, seq_len: int, vision_mask: torch.Tensor | None, with_losses: bool
+        self,
+        attention_mask: torch.Tensor | None,
+        seq_len: int,
+        vision_mask: torch.Tensor | None,
+        with_losses: bool,
+        position_ids: torch.Tensor | None = None,
     ) -> RoutingContext:
         """A forward's routing context: its real-token mask (B, L) from a 2-D `attention_mask`, its image
-        tokens, whether the load-balancing loss is wanted (training, or labels given) and whether DARE's
-        routers keep their predictions for the threshold updates (training)."""
-        token_mask = None
+        tokens, each token's position in its sequence (`position_ids` if given, else counted over the real
+        tokens of the mask, so left padding does not shift them), whether the routers' losses are wanted
+        (training, or labels given) and whether the routers keep what they see for their state updates
+        (training)."""
+        token_mask = positions = None
         if attention_mask is not None and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -seq_len:].bool()
-        return RoutingContext(token_mask, vision_mask, with_aux_loss=with_losses, observe=self.training)
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
+        if position_ids is not None and position_ids.dim() == 2:
+            positions = position_ids
+        return RoutingContext(
+            token_mask, vision_mask, with_aux_loss=with_losses, observe=self.training, positions=positions
+        )
 
     def forward_in_routing_context(self, forward, inputs: dict, vision_mask: torch.Tensor | None):
         """`forward(**inputs)` for a base model: inside the outer model's routing context when it has opened one;
@@ -307,14 +332,16 @@ class MoEModelMixin:
         if current_routing_context() is not None:
             return forward(**inputs)
         ids = inputs["input_ids"] if inputs["input_ids"] is not None else inputs["inputs_embeds"]
-        context = self.routing_context(inputs["attention_mask"], ids.shape[1], vision_mask, False)
+        position_ids = inputs.get("position_ids")
+        context = self.routing_context(inputs["attention_mask"], ids.shape[1], vision_mask, False, position_ids)
         with routing_context(context):
             return forward(**inputs)
 
     def moe_output(
-        self, outputs, context: RoutingContext, labels, logits_to_keep, loss_kwargs: dict, **extra
+        self, outputs, context: RoutingContext, labels, logits_to_keep, loss_kwargs: dict, input_ids=None, **extra
     ) -> MoEOutputWithPast:
-        """The LM head on the decoder's output, then this forward's losses and routing statistics."""
+        """The LM head on the decoder's output, then this forward's losses and routing statistics (`input_ids`
+        give the routers' NLL targets at unlabelled text positions)."""
         hidden_states = outputs.last_hidden_state
         if labels is None:  # the loss and DARE's target need every position's logits
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -334,7 +361,18 @@ class MoEModelMixin:
         nll_routings = [(gate, r) for gate, r in zip(context.routers, routings, strict=True) if gate.uses_token_nll]
         losses = {}
         if labels is not None:
-            losses = self.routing_loss(logits, labels, nll_routings, aux_loss, router_loss=router_loss, **loss_kwargs)
+            text_targets = None
+            if nll_routings and input_ids is not None:
+                text_targets = next_text_targets(input_ids, context.token_mask, context.vision_mask)
+            losses = self.routing_loss(
+                logits,
+                labels,
+                nll_routings,
+                aux_loss,
+                router_loss=router_loss,
+                text_targets=text_targets,
+                **loss_kwargs,
+            )
         # Off in generation unless asked for (`prepare_inputs_for_generation`): nobody reads them there.
         statistics = loss_kwargs.get("output_routing_statistics", True)
         router_logits = None
@@ -373,13 +411,15 @@ class MoEModelMixin:
         num_items_in_batch: torch.Tensor | int | None = None,
         shift_labels: torch.Tensor | None = None,
         router_loss: torch.Tensor | None = None,
+        text_targets: torch.Tensor | None = None,
         **kwargs,
     ) -> dict:
         """`loss` = CE + share * (alpha * L_diff + beta * L_lb + L_router), with its parts. CE is transformers'
         causal-LM loss (`self.loss_function`: `num_items_in_batch`, `shift_labels`); L_diff the mean over the
         `nll_routings` ((router, routing) pairs) of their `token_nll_loss` against the model's own next-token NLL,
-        detached, at the positions with a label (text), each weighted by its router's `token_nll_loss_coef`
-        (DARE's alpha); L_router the routers' own terms."""
+        detached, at the positions each router learns from (`token_nll_targets`: "labels", those with a label;
+        "text", also every other text position, whose next token `text_targets` (B, L) gives), each weighted by
+        its router's `token_nll_loss_coef` (DARE's alpha); L_router the routers' own terms."""
         config = self.config
         targets = next_token_labels(labels, shift_labels)
         text = targets != -100
@@ -391,9 +431,14 @@ class MoEModelMixin:
         )
         routing_loss, difficulty_loss = 0.0, None
         if nll_routings:
-            # Masked means (no boolean indexing) keep the host out of it and give 0 when there is no text label.
-            nll, weight = token_nll(logits, targets).reshape(-1), text.reshape(-1).float()
-            per_layer = [(gate, gate.token_nll_loss(routing, nll, weight)) for gate, routing in nll_routings]
+            # Masked means (no boolean indexing) keep the host out of it and give 0 when there is no position.
+            nll_targets = targets if text_targets is None else torch.where(text, targets, text_targets)
+            weights = {"labels": text.reshape(-1).float(), "text": (nll_targets != -100).reshape(-1).float()}
+            nll = token_nll(logits, nll_targets).reshape(-1)
+            per_layer = [
+                (gate, gate.token_nll_loss(routing, nll, weights[gate.token_nll_targets]))
+                for gate, routing in nll_routings
+            ]
             difficulty_loss = torch.stack([loss for _, loss in per_layer]).mean()
             routing_loss = torch.stack([gate.token_nll_loss_coef * loss for gate, loss in per_layer]).mean()
         if aux_loss is not None:
@@ -535,7 +580,9 @@ class MoEForCausalLM(RoutingStatisticsOffInGeneration, MoEPreTrainedModel, Gener
         before), as `generate` passes it, and comes back in the output field of that name."""
         loss_kwargs = pop_loss_kwargs(kwargs) | {"output_routing_statistics": output_routing_statistics}
         seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        context = self.routing_context(attention_mask, seq_len, None, self.training or labels is not None)
+        context = self.routing_context(
+            attention_mask, seq_len, None, self.training or labels is not None, position_ids
+        )
         with routing_context(context):
             outputs = self.model(
                 input_ids=input_ids,
@@ -545,7 +592,7 @@ class MoEForCausalLM(RoutingStatisticsOffInGeneration, MoEPreTrainedModel, Gener
                 use_cache=use_cache,
                 **kwargs,
             )
-        return self.moe_output(outputs, context, labels, logits_to_keep, loss_kwargs)
+        return self.moe_output(outputs, context, labels, logits_to_keep, loss_kwargs, input_ids=input_ids)
 
 
 class MoELlavaPreTrainedModel(MoEModelMixin, LlavaPreTrainedModel):
@@ -626,7 +673,7 @@ class MoELlavaForConditionalGeneration(
             )
             vision_mask = (inputs_embeds == image_embedding).all(-1)
         context = self.routing_context(
-            attention_mask, vision_mask.shape[1], vision_mask, self.training or labels is not None
+            attention_mask, vision_mask.shape[1], vision_mask, self.training or labels is not None, position_ids
         )
         with routing_context(context):
             outputs = self.model(
@@ -643,6 +690,7 @@ class MoELlavaForConditionalGeneration(
             labels,
             logits_to_keep,
             loss_kwargs,
+            input_ids=input_ids,
             vision_mask=vision_mask,
             image_hidden_states=image_features(outputs),
         )

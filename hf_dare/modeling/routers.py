@@ -219,9 +219,23 @@ class ThresholdTracker(nn.Module):
         self.thresholds = self.thresholds.float()
         return self
 
-    def expert_counts(self, difficulty: torch.Tensor) -> torch.Tensor:
-        """(T,) predicted difficulties -> (T,) experts per token, in 1..M."""
-        return 1 + (difficulty.detach().float()[:, None] >= self.thresholds[None, :]).sum(-1)
+    def expert_counts(self, difficulty: torch.Tensor, thresholds: torch.Tensor | None = None) -> torch.Tensor:
+        """(T,) predicted difficulties -> (T,) experts per token, in 1..M, under `thresholds` (default: the
+        tracked ones)."""
+        thresholds = self.thresholds if thresholds is None else thresholds
+        return 1 + (difficulty.detach().float()[:, None] >= thresholds[None, :]).sum(-1)
+
+    @torch.no_grad()
+    def quantiles(self, difficulty: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The thresholds a batch's own predictions give: their quantiles (over the real tokens of `mask`) at the
+        cumulative target shares, increasing."""
+        values = difficulty.detach().float().reshape(-1)
+        if mask is not None:
+            values = values[mask.reshape(-1).bool()]
+        if values.numel() == 0:
+            return self.thresholds
+        levels = torch.tensor(self.quantile_levels, device=values.device)
+        return torch.cummax(torch.quantile(_subsample(values), levels), 0).values
 
     def observe(self, difficulty: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Keep a detached copy of predictions (any shape; only where `mask`, if given) for the next `update`.
@@ -245,10 +259,8 @@ class ThresholdTracker(nn.Module):
         observed = _gather_across_ranks(local)
         if observed.numel() == 0:
             return None
-        levels = torch.tensor(self.quantile_levels, device=observed.device)
-        target = torch.quantile(_subsample(observed), levels)
-        # Ties (e.g. an untrained predictor) must not leave equal thresholds.
-        target = torch.cummax(target, 0).values
+        # Ties (e.g. an untrained predictor) must not leave equal thresholds: `quantiles` keeps them increasing.
+        target = self.quantiles(observed)
         new = target if self.mode == "per_batch" else self.momentum * self.thresholds + (1 - self.momentum) * target
         self.thresholds.copy_(new)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -256,28 +268,62 @@ class ThresholdTracker(nn.Module):
         return self.thresholds
 
 
-RANDOM_PROXY_SEED = 1234
-_RANDOM_DIRECTIONS: dict[tuple[int, torch.device], torch.Tensor] = {}
+HIDDEN_PROJECTION_SEED = 1234
+_PROJECTION_DIRECTIONS: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
-def random_difficulty(hidden_states: torch.Tensor) -> torch.Tensor:
-    """DARE's `random` difficulty proxy, (T, H) -> (T,) in (0, 1): a signal unrelated to difficulty that is
-    still a fixed function of the token's hidden state, so inference stays deterministic and batch-invariant
-    (i.i.d. noise would give a token other experts at every forward, and differ between ranks and batches).
-
-    Phi(sqrt(H) * cos(h, u)): u a random unit direction drawn once from a CPU generator seeded with
-    `RANDOM_PROXY_SEED` (the same in every process, on every rank and device), Phi the normal CDF, so the values
-    spread over (0, 1). No parameter, nothing to train: the thresholds follow its quantiles like any other."""
+def hidden_projection_difficulty(hidden_states: torch.Tensor) -> torch.Tensor:
+    """hf-dare 0.1's `random` proxy, kept as `hidden_projection`: a fixed function of the hidden state that is not
+    trained toward difficulty, (T, H) -> (T,) in (0, 1): Phi(sqrt(H) * cos(h, u)), u a random unit direction drawn
+    once from a CPU generator seeded with `HIDDEN_PROJECTION_SEED`. Not a content-free control: it correlates with
+    what the hidden state holds (modality, token identity)."""
     hidden = hidden_states.detach().float()
     size = hidden.shape[-1]
-    direction = _RANDOM_DIRECTIONS.get((size, hidden.device))
+    direction = _PROJECTION_DIRECTIONS.get((size, hidden.device))
     if direction is None:
-        generator = torch.Generator().manual_seed(RANDOM_PROXY_SEED)
+        generator = torch.Generator().manual_seed(HIDDEN_PROJECTION_SEED)
         direction = torch.randn(size, generator=generator, dtype=torch.float64)
         direction = (direction / direction.norm()).float().to(hidden.device)
-        _RANDOM_DIRECTIONS[(size, hidden.device)] = direction
+        _PROJECTION_DIRECTIONS[(size, hidden.device)] = direction
     z = F.normalize(hidden, dim=-1) @ direction * size**0.5
     return 0.5 * (1.0 + torch.erf(z / 2**0.5))
+
+
+_MASK_64 = (1 << 64) - 1
+
+
+def _as_int64(value: int) -> int:
+    """A 64-bit unsigned constant as the int64 with the same bits."""
+    value &= _MASK_64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's `>>` is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def position_uniforms(positions: torch.Tensor, seed: int, stream: int) -> torch.Tensor:
+    """(T,) positions -> (T,) float32 uniforms in [0, 1): SplitMix64 of (`seed`, `stream`, position), a fixed value
+    per token position that no content can change, the same on every device, rank and batch."""
+    x = positions.long() + _as_int64(seed * 0x9E3779B97F4A7C15 + stream * 0xD1B54A32D192ED03)
+    x = x * _as_int64(0x9E3779B97F4A7C15)
+    x = (x ^ _shift_right(x, 30)) * _as_int64(0xBF58476D1CE4E5B9)
+    x = (x ^ _shift_right(x, 27)) * _as_int64(0x94D049BB133111EB)
+    x = x ^ _shift_right(x, 31)
+    return (_shift_right(x, 40).double() / float(1 << 24)).float()
+
+
+def random_difficulty(num_tokens: int, device: torch.device, training: bool, seed: int, layer_idx: int):
+    """DARE's `random` difficulty proxy, a control free of any content: (T,) uniform values in [0, 1). In training,
+    drawn afresh for every token from torch's generator; at inference, a fixed value per token position
+    (`position_uniforms` of the forward's positions, this layer's stream), so a request routes the same whatever
+    it is batched with and on every call."""
+    if training:
+        return torch.rand(num_tokens, device=device)
+    context = current_routing_context()
+    positions = context.positions_for(num_tokens, device) if context is not None else torch.arange(num_tokens, device=device)  # fmt: skip
+    return position_uniforms(positions, seed, layer_idx)
 
 
 def router_entropy(router_probs: torch.Tensor) -> torch.Tensor:
@@ -317,9 +363,18 @@ class DareRouter(Router, name="dare"):
         choice_setting(
             "difficulty_proxy",
             "nll",
-            "the difficulty: the predictor trained toward the next-token NLL, a random signal, the router's entropy",
-            ("nll", "random", "router_entropy"),
+            "the difficulty: the predictor trained toward the next-token NLL, a content-free random value, the "
+            "router's entropy, or hf-dare 0.1's random projection of the hidden state",
+            ("nll", "random", "router_entropy", "hidden_projection"),
         ),
+        choice_setting(
+            "difficulty_targets",
+            "text",
+            "positions L_diff trains the predictor on: every text token's next-token NLL, or labelled positions only",
+            ("text", "labels"),
+            legacy="labels",
+        ),
+        integer_setting("difficulty_random_seed", 1234, "seed of the `random` proxy's values at inference"),
     )
     dial = Dial("shares", "target_distribution")
 
@@ -332,6 +387,8 @@ class DareRouter(Router, name="dare"):
         self.difficulty_proxy = config.difficulty_proxy
         self.uses_token_nll = self.difficulty_proxy == "nll"
         self.token_nll_loss_coef = config.difficulty_loss_coef
+        self.token_nll_targets = config.difficulty_targets
+        self.random_seed = config.difficulty_random_seed
         self.weight = nn.Parameter(torch.zeros(config.num_experts, config.text_config.hidden_size))
         if self.difficulty_proxy == "nll":
             self.difficulty_predictor = DifficultyPredictor(
@@ -343,6 +400,12 @@ class DareRouter(Router, name="dare"):
         self.threshold_tracker = ThresholdTracker(
             config.initial_thresholds, config.target_distribution, config.threshold_momentum, config.threshold_update
         )
+
+    @classmethod
+    def upgrade_config_dict(cls, config_dict: dict) -> None:
+        super().upgrade_config_dict(config_dict)
+        if config_dict.get("difficulty_proxy") == "random":  # 0.1's random proxy was the hidden-state projection
+            config_dict["difficulty_proxy"] = "hidden_projection"
 
     @classmethod
     def resolve_settings(cls, config) -> None:
@@ -384,7 +447,10 @@ class DareRouter(Router, name="dare"):
         router_logits, router_probs = softmax_router(self.weight, hidden_states)
         difficulty = self.difficulty(hidden_states, router_probs)
         self.keep((difficulty.detach(), token_mask))
-        expert_counts = self.threshold_tracker.expert_counts(difficulty)
+        thresholds = None
+        if self.training and self.threshold_tracker.mode == "per_batch":  # the paper's ablation: this batch's own
+            thresholds = self.threshold_tracker.quantiles(difficulty, token_mask)
+        expert_counts = self.threshold_tracker.expert_counts(difficulty, thresholds)
         return top_n_routing(
             router_logits, router_probs, expert_counts, self.max_experts, hidden_states.dtype, self.norm_topk_prob,
             difficulty,
@@ -393,9 +459,11 @@ class DareRouter(Router, name="dare"):
     def difficulty(self, hidden_states: torch.Tensor, router_probs: torch.Tensor) -> torch.Tensor:
         """(T,) difficulty of each token under `difficulty_proxy`."""
         if self.difficulty_proxy == "random":
-            return random_difficulty(hidden_states)
+            return random_difficulty(hidden_states.shape[0], hidden_states.device, self.training, self.random_seed, self.layer_idx)  # fmt: skip
         if self.difficulty_proxy == "router_entropy":
             return router_entropy(router_probs)
+        if self.difficulty_proxy == "hidden_projection":
+            return hidden_projection_difficulty(hidden_states)
         return self.difficulty_predictor(hidden_states.detach() if self.detach_input else hidden_states)
 
     def balancing_loss(self, routing, token_mask=None, vision_mask=None) -> torch.Tensor:

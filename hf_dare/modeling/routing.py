@@ -31,16 +31,23 @@ from .statistics import expert_load
 # --- Settings ---------------------------------------------------------------------------------------------------
 
 
+UNSET = object()
+"""`Setting.legacy_default` of a setting that existed from the first release (nothing to fill in)."""
+
+
 @dataclass(frozen=True)
 class Setting:
     """A config field a router reads: its name, default, what it does (`doc`, one line) and what values it allows
-    (`allowed`, as error messages and docs say it; `valid` checks one value)."""
+    (`allowed`, as error messages and docs say it; `valid` checks one value). `legacy_default`: for a setting
+    added after the first release, the value that gives the behaviour of before, which configs saved before
+    config versions (`moe_config_version`) get when they lack it (`Router.upgrade_config_dict`)."""
 
     name: str
     default: Any
     doc: str
     allowed: str
     valid: Callable[[Any], bool]
+    legacy_default: Any = UNSET
 
     def check(self, value, fail) -> None:
         """`fail(field, problem, allowed)` unless `value` is allowed."""
@@ -61,6 +68,7 @@ def number_setting(
     low_open: bool = False,
     high_open: bool = False,
     optional: bool = False,
+    legacy: Any = UNSET,
 ) -> Setting:
     """A finite number in [low, high] (`low_open` / `high_open`: the bound excluded); None too with `optional`."""
     parts = []
@@ -80,10 +88,12 @@ def number_setting(
         below = high is None or (value < high if high_open else value <= high)
         return above and below
 
-    return Setting(name, default, doc, allowed, valid)
+    return Setting(name, default, doc, allowed, valid, legacy)
 
 
-def integer_setting(name: str, default: int | None, doc: str, low: int = 0, optional: bool = False) -> Setting:
+def integer_setting(
+    name: str, default: int | None, doc: str, low: int = 0, optional: bool = False, legacy: Any = UNSET
+) -> Setting:
     """An integer >= `low`; None too with `optional`."""
     allowed = f"an integer >= {low}" + (" or None" if optional else "")
 
@@ -92,15 +102,15 @@ def integer_setting(name: str, default: int | None, doc: str, low: int = 0, opti
             return optional
         return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
-    return Setting(name, default, doc, allowed, valid)
+    return Setting(name, default, doc, allowed, valid, legacy)
 
 
-def flag_setting(name: str, default: bool, doc: str) -> Setting:
-    return Setting(name, default, doc, "True or False", lambda value: isinstance(value, bool))
+def flag_setting(name: str, default: bool, doc: str, legacy: Any = UNSET) -> Setting:
+    return Setting(name, default, doc, "True or False", lambda value: isinstance(value, bool), legacy)
 
 
-def choice_setting(name: str, default: str, doc: str, choices: Sequence[str]) -> Setting:
-    return Setting(name, default, doc, ", ".join(repr(c) for c in choices), lambda value: value in choices)
+def choice_setting(name: str, default: str, doc: str, choices: Sequence[str], legacy: Any = UNSET) -> Setting:
+    return Setting(name, default, doc, ", ".join(repr(c) for c in choices), lambda value: value in choices, legacy)
 
 
 def list_setting(name: str, doc: str, allowed: str, valid_item: Callable[[Any], bool] = _is_number) -> Setting:
@@ -159,6 +169,8 @@ class RoutingContext:
       forward has completed: a forward that raises leaves nothing behind.
     - `previous_router_logits` (T, E'): MoE++'s gating residual, the router logits of the MoE++ layer that ran
       last in this forward (None before the first).
+    - `positions` (B, L): each token's position in its own sequence (None: 0..L-1), for routers whose routing
+      depends on it (DARE's random proxy at inference).
     """
 
     token_mask: torch.Tensor | None = None
@@ -170,12 +182,19 @@ class RoutingContext:
     routers: list["Router"] = field(default_factory=list)
     observations: list[tuple["Router", Any]] = field(default_factory=list)
     previous_router_logits: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
 
     def masks_for(self, batch_size: int, seq_len: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """This forward's (B, L) masks, or None where a mask does not fit the tokens the block sees."""
         shape = (batch_size, seq_len)
         fit = [m if m is not None and tuple(m.shape) == shape else None for m in (self.token_mask, self.vision_mask)]
         return fit[0], fit[1]
+
+    def positions_for(self, num_tokens: int, device: torch.device) -> torch.Tensor:
+        """(T,) positions of the T tokens a block routes: this forward's, when they fit, else 0..T-1."""
+        if self.positions is not None and self.positions.numel() == num_tokens:
+            return self.positions.reshape(-1).to(device)
+        return torch.arange(num_tokens, device=device)
 
     def add(self, router: "Router", routing: Routing) -> None:
         """Record a block's routing (unless this is a recomputation, `record=False`)."""
@@ -257,10 +276,12 @@ class Router(nn.Module):
     uses: ClassVar[tuple[str, ...]] = ()
     summary: ClassVar[str] = ""
     dial: ClassVar[Dial | None] = None
-    # Whether the model computes its own next-token NLL for `token_nll_loss` (DARE's predictor), and that loss's
-    # weight in the model's loss.
+    # Whether the model computes its own next-token NLL for `token_nll_loss` (DARE's predictor), that loss's
+    # weight in the model's loss, and the positions it learns from ("labels": those with a label; "text": every
+    # text position).
     uses_token_nll: bool = False
     token_nll_loss_coef: float = 1.0
+    token_nll_targets: str = "labels"
 
     def __init_subclass__(cls, name: str | None = None, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -286,6 +307,14 @@ class Router(nn.Module):
     @classmethod
     def resolve_settings(cls, config) -> None:
         """Fill the settings whose default depends on other fields (e.g. DARE's M from its Pi)."""
+
+    @classmethod
+    def upgrade_config_dict(cls, config_dict: dict) -> None:
+        """Make a config dict saved before config versions (hf-dare 0.1) mean what it meant then: each setting
+        added since takes its `legacy_default` where the dict lacks it."""
+        for setting in cls.settings:
+            if setting.legacy_default is not UNSET:
+                config_dict.setdefault(setting.name, setting.legacy_default)
 
     @classmethod
     def validate(cls, config, fail, used: bool) -> None:

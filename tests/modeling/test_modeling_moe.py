@@ -41,24 +41,38 @@ def test_moe_blocks_replace_every_other_ffn():
     assert type(model.model) is type(AutoModel.from_config(model.config.text_config))
 
 
-def test_dare_target_is_the_models_own_next_token_nll():
-    model = build(router="dare")
+@pytest.mark.parametrize("targets", ["text", "labels"])
+def test_dare_target_is_the_models_own_next_token_nll(targets):
+    """L_diff: (d_hat - NLL)^2 against the model's own next-token NLL, by default at every text position (the
+    prompt too, whose next tokens the input ids give), with `difficulty_targets="labels"` at labelled ones only;
+    CE stays on the labelled positions, and padding is never a target."""
+    model = build(router="dare", difficulty_targets=targets)
     batch = random_batch(model.config)
-    batch["labels"][:, :4] = -100  # a prompt: no difficulty target there
+    batch["labels"][:, :4] = -100  # a prompt: no label there
+    batch["attention_mask"][1, -2:] = 0  # right padding in the second sample
+    batch["labels"][1, -2:] = -100
     outputs = model(**batch)
-    nll = F.cross_entropy(outputs.logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], reduction="none")
-    text = batch["labels"][:, 1:] != -100
-    expected = torch.stack([F.mse_loss(d[:, :-1][text], nll[text]) for d in outputs.difficulty]).mean()
+    next_ids = batch["input_ids"][:, 1:]
+    nll = F.cross_entropy(outputs.logits[:, :-1].transpose(1, 2), next_ids, reduction="none")
+    labelled = batch["labels"][:, 1:] != -100
+    text = batch["attention_mask"][:, 1:].bool()  # this token and the next are real (the mask is right-padded)
+    positions = text if targets == "text" else labelled
+    assert positions.sum() > labelled.sum() or targets == "labels"
+    expected = torch.stack([F.mse_loss(d[:, :-1][positions], nll[positions]) for d in outputs.difficulty]).mean()
     torch.testing.assert_close(outputs.difficulty_loss, expected)
-    torch.testing.assert_close(outputs.ce_loss, nll[text].mean())
+    torch.testing.assert_close(outputs.ce_loss, nll[labelled].mean())
 
 
-def test_batch_without_text_labels_has_no_nan_and_no_difficulty_loss():
-    model = build(router="dare")
+@pytest.mark.parametrize("targets", ["text", "labels"])
+def test_batch_without_text_labels_has_no_nan(targets):
+    """No label at all: CE is 0 (not NaN); L_diff is 0 with labelled targets, and still learns from the text
+    positions with the default targets."""
+    model = build(router="dare", difficulty_targets=targets)
     batch = random_batch(model.config)
     batch["labels"][:] = -100
     outputs = model(**batch)
-    assert outputs.ce_loss.item() == 0.0 and outputs.difficulty_loss.item() == 0.0
+    assert outputs.ce_loss.item() == 0.0
+    assert (outputs.difficulty_loss.item() == 0.0) == (targets == "labels")
     assert torch.isfinite(outputs.loss)
     outputs.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -131,6 +131,13 @@ def add_upcycle_command(subparsers) -> None:
     parser.add_argument("--top-k", type=int, default=2, help="experts per token for top_k / ltdr (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the new routers")
     parser.add_argument(
+        "--measure-gap",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compare the upcycled model's logits with the dense model's on a probe and state the gap in the model "
+        "card (default: for models up to 20M parameters; it holds both models in memory)",
+    )
+    parser.add_argument(
         "--set",
         dest="settings",
         action="append",
@@ -162,6 +169,7 @@ def _run_upcycle(args) -> str:
         router_layers=args.router_layers,
         other_router=args.other_router,
         difficulty_proxy=args.difficulty_proxy,
+        measure_gap=args.measure_gap,
         **dict(args.settings),
     )
 

@@ -5,6 +5,7 @@ for it, and only one file is open at a time, so memory stays near one input tens
 """
 
 import json
+import math
 import re
 import shutil
 from collections.abc import Callable
@@ -146,6 +147,10 @@ class CheckpointReader:
 
     def dtype(self, name: str) -> torch.dtype:
         return self._dtypes[name]
+
+    def num_elements(self) -> int:
+        """The number of values in every tensor read (the model's size)."""
+        return sum(math.prod(shape) for shape in self._shapes.values())
 
     def position(self, name: str) -> tuple[int, int]:
         """Where `name` is stored (file index, order in the listing): conversions read in this order."""

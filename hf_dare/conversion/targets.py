@@ -45,14 +45,15 @@ def router_plan(
     config: MoEConfigBase, layer_idx: int, dtype: torch.dtype, seed: int, anchor: str
 ) -> list[PlannedTensor]:
     """The freshly initialised tensors of MoE layer `layer_idx`'s router (`config.router_for(layer_idx)`): the
-    router is built (small: experts x hidden, and DARE's predictor) and initialised by its own `init_weights`, as
-    the model's init does it, with the global random stream seeded by (`seed`, the layer's prefix). Parameters
+    router is built (small: experts x hidden, and DARE's predictor) and initialised by its own `init_upcycled`
+    (a new model's init, or one closer to the dense function), with the global random stream seeded by (`seed`,
+    the layer's prefix). Parameters
     take `dtype`; floating buffers (DARE's thresholds, ReMoE's `l1_coef`) keep their own dtype, as in the model."""
     prefix = f"{TEXT_PREFIX}layers.{layer_idx}.mlp.gate."
     router = ROUTERS[config.router_for(layer_idx)](config, layer_idx)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seeded(seed, prefix))
-        router.init_weights(getattr(config.text_config, "initializer_range", 0.02))
+        router.init_upcycled(getattr(config.text_config, "initializer_range", 0.02))
     parameters = {name for name, _ in router.named_parameters()}
     plan = []
     for name, tensor in router.state_dict().items():

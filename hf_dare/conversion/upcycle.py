@@ -197,6 +197,7 @@ def upcycle(
     max_shard_size: int | str = "2GB",
     router_layers: Sequence[int | range] | None = None,
     other_router: str = "top_k",
+    measure_gap: bool | None = None,
     **moe_settings,
 ) -> Path:
     """Upcycle the dense checkpoint `src` (folder or Hub id; a causal LM, or a transformers LLaVA) into an
@@ -205,7 +206,9 @@ def upcycle(
 
     `router`: one router for every MoE layer, or a dict {MoE layer: router}. With `router_layers` (MoE layer
     indices and ranges, see `layer_routers`) only those MoE layers use `router`, the others `other_router`.
-    Extra keyword arguments are further MoE config fields (e.g. `initial_thresholds`). Returns `out`."""
+    Extra keyword arguments are further MoE config fields (e.g. `initial_thresholds`). `measure_gap`: compare the
+    upcycled model's logits with the dense model's on a probe and state the gap in the model card (`dense_gap`;
+    default: for models up to `GAP_PROBE_MAX_PARAMETERS`). Returns `out`."""
     out = check_output_folder(out, overwrite)
     src_dir = resolve_source(src)
     source_config = load_source_config(src_dir)
@@ -240,6 +243,24 @@ def upcycle(
         write_plan(in_reading_order(plan, reader), reader, staging, max_shard_size)
         save_config_and_code(config, model, staging)
         copy_side_files(src_dir, staging)
+        notes = [
+            f"Until the routers are trained, `{name}` (layers {', '.join(map(str, layers))}): "
+            f"{ROUTERS[name].upcycling_note(config)}."
+            for name, layers in config.layers_by_router.items()
+        ]
+        if measure_gap is None:
+            measure_gap = reader.num_elements() <= GAP_PROBE_MAX_PARAMETERS
+        if measure_gap:
+            gap = dense_gap(src_dir, staging, config)
+            notes.append(
+                f"Measured after upcycling, on {GAP_PROBE_SHAPE[0]} x {GAP_PROBE_SHAPE[1]} random text tokens: largest "
+                f"|logit difference| to the dense model {gap['max_abs']:.3g}, relative RMS difference "
+                f"{gap['relative_rms']:.3g}."
+            )
+        else:
+            notes.append(
+                "The upcycled model's difference to the dense one was not measured (`measure_gap=True` does)."
+            )
         write_model_card(
             staging,
             config,
@@ -247,10 +268,36 @@ def upcycle(
             how=f"sparse upcycling: each MoE layer's {num_experts} experts are copies of the dense FFN, "
             f"the routers ({config.router_description}) are newly initialised (seed {seed}); every other tensor is "
             "copied unchanged",
-            notes=[
-                f"Until the routers are trained, `{name}` (layers {', '.join(map(str, layers))}): "
-                f"{ROUTERS[name].upcycling_note(config)}."
-                for name, layers in config.layers_by_router.items()
-            ],
+            notes=notes,
         )
     return out
+
+
+# The probe `upcycle` runs by default on models up to this size: it holds both models in memory (the conversion
+# itself holds about one shard), one forward each.
+GAP_PROBE_MAX_PARAMETERS = 20_000_000
+GAP_PROBE_SHAPE = (2, 32)
+
+
+@torch.no_grad()
+def dense_gap(dense_dir: Path, moe_dir: Path, config: MoEConfigBase) -> dict[str, float]:
+    """How far the upcycled model in `moe_dir` is from the dense model in `dense_dir` before any training: the
+    largest absolute and the relative RMS difference of their logits on `GAP_PROBE_SHAPE` random text tokens
+    (seeded; no images), both in float32 and eval mode."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from ..modeling import MoELlavaConfig as _LlavaConfig  # noqa: N814
+
+    auto = AutoModelForImageTextToText if isinstance(config, _LlavaConfig) else AutoModelForCausalLM
+    dense = auto.from_pretrained(dense_dir, dtype=torch.float32).eval()
+    moe = auto.from_pretrained(moe_dir, dtype=torch.float32).eval()
+    text = config.text_config
+    low = max(getattr(text, "bos_token_id", None) or 0, getattr(config, "image_token_id", -1) or 0) + 1
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(low, text.vocab_size, GAP_PROBE_SHAPE, generator=generator)
+    reference, upcycled = dense(input_ids=input_ids).logits, moe(input_ids=input_ids).logits
+    difference = upcycled - reference
+    return {
+        "max_abs": difference.abs().max().item(),
+        "relative_rms": (difference.pow(2).mean() / reference.pow(2).mean().clamp(min=1e-12)).sqrt().item(),
+    }

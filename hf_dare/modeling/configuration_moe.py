@@ -48,7 +48,9 @@ class MoEConfigBase(PreTrainedConfig):
       upcycled model compute the dense one), or keep their softmax probabilities.
     - `router_aux_loss_coef` (beta): weight of the load-balancing loss; `aux_loss_fraction`: its f_i over all
       routed slots (`"routed_slots"`) or the tokens' top-1 experts (`"top1"`, DeepSpeed's); and
-      `router_aux_loss_reduction`: the model's `aux_loss` is the `"mean"` or the `"sum"` (MoE-LLaVA's) over layers.
+      `router_aux_loss_reduction`: how the layers' balancing losses and routers' own losses add up, `"mean"` or
+      `"sum"` over the MoE layers, or None (default): as each router's original code does
+      (`Router.layer_loss_reduction`: the sum for MoE-LLaVA's Top-K, ReMoE and DynMoE, the mean for the others).
     - Every registered router's own settings (`Router.settings`: DARE's `target_distribution`, Top-p's
       `top_p_threshold`...) are fields too, each with its default, checked whatever the router (so a config can
       switch routers); docs/routers.md lists them.
@@ -63,7 +65,7 @@ class MoEConfigBase(PreTrainedConfig):
     norm_topk_prob: bool = True
     router_aux_loss_coef: float = 0.01
     aux_loss_fraction: str = "routed_slots"
-    router_aux_loss_reduction: str = "mean"
+    router_aux_loss_reduction: str | None = None
     tie_word_embeddings: bool = False
     # Provenance for the model card: appended by training (`hf_dare.training`), not read by the model.
     training_stages: list[dict] | None = None
@@ -173,8 +175,8 @@ class MoEConfigBase(PreTrainedConfig):
         if self.aux_loss_fraction not in AUX_LOSS_FRACTIONS:
             allowed = ", ".join(repr(f) for f in AUX_LOSS_FRACTIONS)
             fail("aux_loss_fraction", f"got {self.aux_loss_fraction!r}", allowed)
-        if self.router_aux_loss_reduction not in AUX_LOSS_REDUCTIONS:
-            allowed = ", ".join(repr(r) for r in AUX_LOSS_REDUCTIONS)
+        if self.router_aux_loss_reduction not in (None, *AUX_LOSS_REDUCTIONS):
+            allowed = "None (each router's own) or " + ", ".join(repr(r) for r in AUX_LOSS_REDUCTIONS)
             fail("router_aux_loss_reduction", f"got {self.router_aux_loss_reduction!r}", allowed)
         for setting in router_settings().values():
             setting.check(getattr(self, setting.name), fail)

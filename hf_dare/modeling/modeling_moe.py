@@ -119,9 +119,11 @@ class MoEBlock(nn.Module):
         index, weights, num_experts = routing.expert_indices, routing.expert_weights, self.config.num_experts
         if self.owns_experts():
             index, weights = sentinel_safe_routing(index, weights, num_experts, self.config._experts_implementation)
-            out = self.experts(flat, index, weights)
+            experts_input = flat if routing.expert_input_scale == 1.0 else flat * routing.expert_input_scale
+            out = self.experts(experts_input, index, weights)
         else:  # a serving backend's experts, which compute every slot: the used ones only, no sentinel
-            out = used_slots_forward(self.experts, flat, index, weights, num_experts)
+            experts_input = flat if routing.expert_input_scale == 1.0 else flat * routing.expert_input_scale
+            out = used_slots_forward(self.experts, experts_input, index, weights, num_experts)
         if routing.zero_computation_output is not None:  # MoE++'s zero / copy / constant experts
             out = out + routing.zero_computation_output
         if context is not None:
@@ -168,12 +170,12 @@ class MoEOutputWithPast(MoeCausalLMOutputWithPast):
     `output_router_logits=True`...) plus hf-dare's routing outputs.
 
     `loss` = `ce_loss` + share * (alpha * `difficulty_loss` + beta * `aux_loss`), share = this batch's text
-    tokens / `num_items_in_batch` when that is given (the Trainer's), else 1. `aux_loss` is the mean (or, with
-    `config.router_aux_loss_reduction="sum"`, MoE-LLaVA's sum) over MoE layers of their load-balancing losses.
+    tokens / `num_items_in_batch` when that is given (the Trainer's), else 1. `aux_loss`: the MoE layers'
+    load-balancing losses, the mean or the sum over each router's layers as its original does (`over_layers`).
     Per MoE layer (tuples in `config.moe_layers` order): `expert_counts` (B, L) experts used per token,
     `expert_load` (E,) fraction of routed slots per expert over real tokens; per DARE layer (in layer order):
     `difficulty` (B, L) the difficulty signal (the predictor's, or the `difficulty_proxy`'s). `token_mask` (B, L) marks real tokens,
-    `vision_mask` (B, L) image tokens. `router_loss`: the mean over MoE layers of the routers' own weighted terms
+    `vision_mask` (B, L) image tokens. `router_loss`: the routers' own weighted terms over the MoE layers (`over_layers`)
     (Top-p's dynamic loss, ReMoE's L1 penalty, DynMoE's regularisers; None for the others), added to the loss
     beside beta * `aux_loss` (share * (... + `router_loss`)).
     """
@@ -291,11 +293,13 @@ class MoEModelMixin:
         thresholds, ReMoE's L1 coefficient; `hf_dare.training.RoutingCallback` calls it). Returns what moved by
         layer index: `{"thresholds": [...]}` (DARE), `{"l1_coef": ..., "sparsity": ...}` (ReMoE)."""
         updated = {}
+        by_router: dict[str, list[MoEBlock]] = {}
         for block in self.moe_blocks:
-            state = block.gate.update_state()
-            if state:
-                updated[block.layer_idx] = state
-        return updated
+            by_router.setdefault(block.gate.name, []).append(block)
+        for name, blocks in by_router.items():
+            states = ROUTERS[name].update_states([block.gate for block in blocks])
+            updated.update({block.layer_idx: state for block, state in zip(blocks, states, strict=True) if state})
+        return dict(sorted(updated.items()))
 
     def update_difficulty_thresholds(self) -> dict[int, list[float]]:
         """`update_routing_state` (every router's per-step update, DARE's thresholds and the others'), returning
@@ -349,13 +353,10 @@ class MoEModelMixin:
         logits = self.lm_head(hidden_states)
         batch_size, seq_len = outputs.last_hidden_state.shape[:2]
         routings = context.routings
-        aux_losses = [r.aux_loss for r in routings if r.aux_loss is not None]
-        aux_loss = None
-        if aux_losses:
-            aux_loss = torch.stack(aux_losses)
-            aux_loss = aux_loss.sum() if self.config.router_aux_loss_reduction == "sum" else aux_loss.mean()
-        router_losses = [r.router_loss for r in routings if r.router_loss is not None]
-        router_loss = torch.stack(router_losses).mean() if router_losses else None
+        aux_loss = self.over_layers([(gate, r.aux_loss) for gate, r in zip(context.routers, routings, strict=True)])
+        router_loss = self.over_layers(
+            [(gate, r.router_loss) for gate, r in zip(context.routers, routings, strict=True)]
+        )
         difficulty = tuple(r.difficulty.view(batch_size, seq_len) for r in routings if r.difficulty is not None)
         # Losses against the model's own next-token NLL (DARE's predictors; not its proxies without one).
         nll_routings = [(gate, r) for gate, r in zip(context.routers, routings, strict=True) if gate.uses_token_nll]
@@ -401,6 +402,23 @@ class MoEModelMixin:
         )
         context.hand_over()  # the forward completed: the routers take what they observed
         return output
+
+    def over_layers(self, losses: list) -> torch.Tensor | None:
+        """The model's term of the layers' losses, (router, loss or None) pairs: the losses of each router's layers
+        reduced as that router's original does (`Router.layer_loss_reduction`: mean or sum over its layers, or as
+        `config.router_aux_loss_reduction` says for all), added up over the routers; None without any loss."""
+        by_router: dict[str, list[torch.Tensor]] = {}
+        for gate, loss in losses:
+            if loss is not None:
+                by_router.setdefault(gate.name, []).append(loss)
+        if not by_router:
+            return None
+        terms = []
+        for name, values in by_router.items():
+            reduction = self.config.router_aux_loss_reduction or ROUTERS[name].layer_loss_reduction
+            stacked = torch.stack(values)
+            terms.append(stacked.sum() if reduction == "sum" else stacked.mean())
+        return torch.stack(terms).sum()
 
     def routing_loss(
         self,

@@ -25,6 +25,7 @@ from .routing import (
     load_balancing_loss,
     masked_mean,
     number_setting,
+    observing,
     route_slots,
     softmax_router,
     token_weights,
@@ -32,7 +33,6 @@ from .routing import (
     top_n_routing,
     within_capacity,
 )
-from .statistics import expert_load
 
 # The DARE paper's target distribution for Qwen2-1.5B with 4 experts.
 DEFAULT_TARGET_DISTRIBUTION = (0.6, 0.3, 0.09, 0.01)
@@ -82,6 +82,7 @@ class TopKRouter(Router, name="top_k"):
         integer_setting("min_capacity", 0, "the least capacity of an expert, in slots"),
     )
     dial = Dial("integer", "num_experts_per_tok")
+    layer_loss_reduction = "sum"  # MoE-LLaVA adds its layers' l_aux
 
     def __init__(self, config, layer_idx: int = 0):
         super().__init__(config, layer_idx)
@@ -578,42 +579,69 @@ class LtdrRouter(Router, name="ltdr"):
 
 
 def top_p_counts(router_probs: torch.Tensor, threshold: float) -> torch.Tensor:
-    """(T, E) probabilities -> (T,) long: the size of each token's smallest set of most probable experts whose
-    probabilities add up to `threshold` (p), at least 1. An expert is kept when the experts ranked above it
-    hold less than p."""
+    """(T, E) probabilities -> (T,) long: the size of each token's set of most probable experts up to the first
+    whose cumulative probability exceeds `threshold` (p), at least 1: an expert is kept when the experts ranked
+    above it hold at most p (the original's `top_p_sampling_batched_all_sequence`)."""
     return ranked_top_p_counts(torch.sort(router_probs, dim=-1, descending=True).values, threshold)
 
 
 def ranked_top_p_counts(ranked_probs: torch.Tensor, threshold: float) -> torch.Tensor:
     """`top_p_counts` of probabilities already sorted in descending order, (T, E) -> (T,) long."""
     above = F.pad(ranked_probs.cumsum(-1)[:, :-1], (1, 0))
-    return (above < threshold).sum(-1).clamp(min=1)
+    return (above <= threshold).sum(-1).clamp(min=1)
 
 
 class TopPRouter(Router, name="top_p"):
-    """Top-p routing (Huang et al. 2024, "Harder Tasks Need More Experts: Dynamic Routing in MoE Models").
+    """Top-p routing (Huang et al. 2024, "Harder Tasks Need More Experts: Dynamic Routing in MoE Models"; code
+    ZhenweiAn/Dynamic_MoE).
 
-    A token uses the smallest set of its most probable experts whose softmax probabilities reach
-    `top_p_threshold` (p; at least one), weights renormalised over them (`norm_topk_prob`). The router loss
-    is the dynamic loss, `top_p_dynamic_loss_coef` * the mean over real tokens of the entropy -sum_i P_i log P_i,
-    which sharpens P so that fewer experts reach p; the load-balancing loss is Top-K's.
+    A token uses its most probable experts up to the first whose cumulative softmax probability exceeds
+    `top_p_threshold` (p; at least one), each weighted by its probability, not renormalised, as the original
+    (`top_p_normalize=True` renormalises them). The router loss is the dynamic loss, `top_p_dynamic_loss_coef` *
+    the mean over real tokens of the entropy -sum_i P_i log P_i, which sharpens P so that fewer experts reach p;
+    the load-balancing loss is Top-K's (the released code has neither loss: both are the paper's).
     """
 
-    summary = "each token's smallest set of most probable experts whose probabilities reach p, dynamic (entropy) loss"
-    uses = ("norm_topk_prob", "aux_loss_fraction")
+    summary = (
+        "each token's most probable experts up to the first whose cumulative probability exceeds p, weighted by "
+        "their probabilities; dynamic (entropy) loss"
+    )
+    uses = ("aux_loss_fraction",)
     settings = (
         number_setting("top_p_threshold", 0.9999, "p (the DARE paper's setting: 0.9999)", 0.0, 1.0, low_open=True),
         number_setting("top_p_dynamic_loss_coef", 3e-7, "weight of the dynamic loss (mean router entropy)", 0.0),
+        flag_setting(
+            "top_p_normalize",
+            False,
+            "renormalise the kept experts' weights to sum 1 (the original keeps their probabilities)",
+            legacy=True,
+        ),
     )
     dial = Dial("scalar", "top_p_threshold", 0.0, 1.0)
 
     def __init__(self, config, layer_idx: int = 0):
         super().__init__(config, layer_idx)
-        self.norm_topk_prob = config.norm_topk_prob
+        self.normalize = config.top_p_normalize
         self.aux_loss_fraction = config.aux_loss_fraction
         self.threshold = config.top_p_threshold
         self.dynamic_loss_coef = config.top_p_dynamic_loss_coef
         self.weight = nn.Parameter(torch.zeros(config.num_experts, config.text_config.hidden_size))
+
+    @classmethod
+    def upgrade_config_dict(cls, config_dict: dict) -> None:
+        # hf-dare 0.1 renormalised Top-p's weights when `norm_topk_prob` was on (its default).
+        config_dict.setdefault("top_p_normalize", config_dict.get("norm_topk_prob", True))
+
+    @classmethod
+    def upcycling_note(cls, config) -> str:
+        if config.top_p_normalize:
+            return (
+                "with identical experts and weights that sum to 1, the model computes exactly what the dense one did"
+            )
+        return (
+            f"the kept experts' weights sum to at least p = {config.top_p_threshold:g}, so the model computes the "
+            f"dense one's function scaled by that sum (within a factor {config.top_p_threshold:g}..1)"
+        )
 
     def forward(
         self,
@@ -628,7 +656,7 @@ class TopPRouter(Router, name="top_p"):
         ranked_probs, ranked_experts = torch.sort(router_probs, dim=-1, descending=True)
         expert_counts = ranked_top_p_counts(ranked_probs, self.threshold)
         used = torch.arange(self.num_experts, device=router_probs.device)[None, :] < expert_counts[:, None]
-        indices, weights = route_slots(router_probs, ranked_experts, used, self.norm_topk_prob)
+        indices, weights = route_slots(router_probs, ranked_experts, used, self.normalize)
         return Routing(
             router_logits=router_logits,
             router_probs=router_probs,
@@ -651,18 +679,25 @@ class TopPRouter(Router, name="top_p"):
 
 
 class ReMoERouter(Router, name="remoe"):
-    """ReMoE (Wang et al. 2024, "ReMoE: Fully Differentiable Mixture-of-Experts with ReLU Routing").
+    """ReMoE (Wang et al. 2024, "ReMoE: Fully Differentiable Mixture-of-Experts with ReLU Routing"; code
+    thu-ml/ReMoE).
 
     G = ReLU(W h) (float32, the `router_logits` before the ReLU); a token uses every expert with G_i > 0, output
     sum_i G_i E_i(h) (no renormalisation; a token with no positive gate uses no expert and its MoE output is 0).
     The router loss is the L1 penalty lambda * mean over real tokens of sum_i f_i G_i, with f_i = E / (k T) *
-    #{tokens with G_i > 0} (detached, the paper's load-balanced L1; f_i = 1 with `remoe_load_balancing=False`).
-    ReMoE has no separate load-balancing loss (`balancing_loss` is 0).
+    #{tokens with G_i > 0} (detached, the paper's load-balanced L1; f_i = 1 with `remoe_load_balancing=False`),
+    added up over the layers as the original does. ReMoE has no other load-balancing loss (`balancing_loss` is 0).
 
-    lambda (`l1_coef`, a persistent float32 buffer: saved, loaded, restored on resume) adapts once per optimizer
-    step (`update_state`): lambda <- lambda * alpha^sign(target - sparsity), alpha = `remoe_l1_coef_multiplier`,
-    target = `remoe_target_sparsity` (default 1 - k / E), sparsity = the share of zero gates over the real tokens
-    of every forward since the last update, summed over all ranks, so lambda stays identical on every rank.
+    lambda (`l1_coef`, a persistent float32 buffer in every ReMoE layer: saved, loaded, restored on resume) moves
+    once per optimizer step (`update_states`), from the gates of every forward since the last update, summed over
+    all ranks so it stays identical on every rank: lambda *= alpha if the sparsity (the share of zero gates) is
+    below `remoe_target_sparsity` (default 1 - k/E), else lambda /= alpha (the original's rule: a tie divides),
+    alpha = `remoe_l1_coef_multiplier`. As in the original, one lambda serves every ReMoE layer and follows their
+    mean sparsity (`remoe_shared_l1_coef=False`: each layer its own, from its own sparsity). Unlike the original,
+    lambda is moved in float64 and kept within [`remoe_l1_coef_min` (default: the initial lambda, a penalty too
+    small to act), `remoe_l1_coef_max`]: divided on every step for hundreds of steps (after upcycling the model
+    can be sparser than the target for long), a float32 lambda reaches the subnormals, where x1.2 rounds back to
+    the same value, and could never grow again; from the floor it is back within a few dozen steps.
     """
 
     summary = "ReLU gates G = ReLU(W h), every expert with G_i > 0, load-balanced L1 penalty with an adaptive lambda"
@@ -684,7 +719,23 @@ class ReMoERouter(Router, name="remoe"):
         flag_setting(
             "remoe_load_balancing", True, "the paper's load-balanced L1 (f_i the expert's load), else f_i = 1"
         ),
+        flag_setting(
+            "remoe_shared_l1_coef",
+            True,
+            "one lambda for every ReMoE layer (the original), else one each",
+            legacy=False,
+        ),
+        number_setting(
+            "remoe_l1_coef_min",
+            None,
+            "the least lambda (default: its initial value; the original has no bound)",
+            0.0,
+            low_open=True,
+            optional=True,
+        ),  # fmt: skip
+        number_setting("remoe_l1_coef_max", 1e3, "the largest lambda (the original has no bound)", 0.0, low_open=True),
     )
+    layer_loss_reduction = "sum"  # each layer's L1 enters the backward on its own in the original
 
     def __init__(self, config, layer_idx: int = 0):
         super().__init__(config, layer_idx)
@@ -693,10 +744,19 @@ class ReMoERouter(Router, name="remoe"):
         target = config.remoe_target_sparsity
         self.target_sparsity = 1.0 - config.num_experts_per_tok / config.num_experts if target is None else target
         self.load_balancing = config.remoe_load_balancing
+        self.shared_l1_coef = config.remoe_shared_l1_coef
+        floor = config.remoe_initial_l1_coef if config.remoe_l1_coef_min is None else config.remoe_l1_coef_min
+        self.l1_coef_bounds = (floor, config.remoe_l1_coef_max)
         self.weight = nn.Parameter(torch.zeros(config.num_experts, config.text_config.hidden_size))
         self.register_buffer("l1_coef", torch.tensor(float(self.initial_l1_coef), dtype=torch.float32))
         # [active gates, gates] of the real tokens of each training forward since the last update (host-free).
         self._observed: list[torch.Tensor] = []
+
+    @classmethod
+    def validate(cls, config, fail, used: bool) -> None:
+        low = config.remoe_initial_l1_coef if config.remoe_l1_coef_min is None else config.remoe_l1_coef_min
+        if not low < config.remoe_l1_coef_max:
+            fail("remoe_l1_coef_max", f"got {config.remoe_l1_coef_max} with a least lambda of {low}", "above remoe_l1_coef_min (default remoe_initial_l1_coef)")  # fmt: skip
 
     def _apply(self, fn, recurse=True):
         # Like DARE's thresholds: lambda's x1.2 steps stay exact in float32 whatever dtype the model is cast to.
@@ -715,7 +775,7 @@ class ReMoERouter(Router, name="remoe"):
         active = gates > 0
         top_gates, top_indices = torch.topk(gates, self.num_experts, dim=-1)
         unused = top_gates <= 0
-        if current_routing_context() is not None:  # counted only in a model's (observed) forward
+        if observing():
             real = torch.ones_like(active[:, 0]) if token_mask is None else token_mask.reshape(-1).bool()
             self.keep(torch.stack([(active & real[:, None]).sum(), real.sum() * self.num_experts]))
         return Routing(
@@ -726,36 +786,50 @@ class ReMoERouter(Router, name="remoe"):
         )
 
     def observe(self, counts: torch.Tensor) -> None:
-        """[active gates, gates] of a forward's real tokens, for the next `update_state` (no host sync)."""
+        """[active gates, gates] of a forward's real tokens, for the next update (no host sync)."""
         self._observed.append(counts.detach())
         if len(self._observed) > 64:  # many forwards without an update: keep their sum
             self._observed = [torch.stack(self._observed).sum(0)]
 
-    @torch.no_grad()
-    def update_state(self) -> dict[str, float] | None:
-        """Move lambda one step toward the target sparsity from the gates observed since the last call, on every
-        rank alike (every rank must call it: the counts are summed across ranks), and forget them. Returns the
-        new `l1_coef` and the measured `sparsity`, or None when nothing was observed (lambda unchanged)."""
-        device = self.l1_coef.device
-        if self._observed:
-            observed = torch.stack(self._observed).sum(0).to(device)
-        else:
-            observed = torch.zeros(2, dtype=torch.long, device=device)
+    def _take_observed(self) -> torch.Tensor:
+        """This layer's [active gates, gates] since the last update, summed (2,) long; forgotten."""
+        observed = torch.stack(self._observed).sum(0) if self._observed else torch.zeros(2, dtype=torch.long)
         self._observed = []
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if distributed:
+        return observed.to(self.l1_coef.device)
+
+    def stepped(self, l1_coef: float, sparsity: float) -> float:
+        """lambda after one step of the rule from `sparsity`, within the bounds (in float64)."""
+        alpha = self.l1_coef_multiplier
+        moved = l1_coef * alpha if sparsity < self.target_sparsity else l1_coef / alpha
+        return min(max(moved, self.l1_coef_bounds[0]), self.l1_coef_bounds[1])
+
+    @classmethod
+    @torch.no_grad()
+    def update_states(cls, routers: list["ReMoERouter"]) -> list[dict | None]:
+        """Move lambda one step toward the target sparsity from the gates observed since the last update (summed
+        over all ranks: every rank must call it), and forget them: with `remoe_shared_l1_coef` one step for all
+        the layers from their mean sparsity, else each layer from its own. Returns per layer its `l1_coef` and
+        `sparsity`, or None when nothing was observed (lambda unchanged)."""
+        observed = torch.stack([router._take_observed() for router in routers])  # (layers, 2)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(observed)
-        active, gates = observed.tolist()
-        if gates == 0:
-            return None
-        sparsity = 1.0 - active / gates
-        if sparsity < self.target_sparsity:  # too many active experts: penalise more
-            self.l1_coef.mul_(self.l1_coef_multiplier)
-        elif sparsity > self.target_sparsity:
-            self.l1_coef.div_(self.l1_coef_multiplier)
-        if distributed:
-            torch.distributed.broadcast(self.l1_coef, src=0)
-        return {"l1_coef": self.l1_coef.item(), "sparsity": sparsity}
+        active, gates = observed.double().unbind(-1)
+        seen = gates > 0
+        if not seen.any():
+            return [None] * len(routers)
+        sparsity = (1.0 - active / gates.clamp(min=1)).tolist()
+        shared = routers[0].shared_l1_coef
+        if shared:
+            mean_sparsity = sum(s for s, ok in zip(sparsity, seen.tolist(), strict=True) if ok) / int(seen.sum())
+            value = routers[0].stepped(routers[0].l1_coef.item(), mean_sparsity)
+        states = []
+        for router, layer_sparsity, ok in zip(routers, sparsity, seen.tolist(), strict=True):
+            if not shared and not ok:
+                states.append(None)
+                continue
+            router.l1_coef.fill_(value if shared else router.stepped(router.l1_coef.item(), layer_sparsity))
+            states.append({"l1_coef": router.l1_coef.item(), "sparsity": layer_sparsity})
+        return states
 
     def logged_state(self) -> dict[str, float]:
         return {f"l1_coef_layer_{self.layer_idx}": self.l1_coef.item()}
@@ -780,38 +854,56 @@ class ReMoERouter(Router, name="remoe"):
         init.normal_(self.weight, mean=0.0, std=std)
         init.copy_(self.l1_coef, torch.tensor(float(self.initial_l1_coef)))
 
+    def init_upcycled(self, std: float) -> None:
+        """The gates of an upcycled router sum to 1 per token in expectation, the nearest a ReLU router without a
+        bias comes to the dense FFN's output (the experts are its copies): for an RMS-normed input h of norm
+        sqrt(H), w_i ~ N(0, s^2) gives E[ReLU(w_i . h)] = s sqrt(H) / sqrt(2 pi), so s = sqrt(2 pi) / (E sqrt(H))."""
+        hidden_size = self.weight.shape[1]
+        self.init_weights(math.sqrt(2 * math.pi) / (self.num_experts * math.sqrt(hidden_size)))
+
     @classmethod
     def upcycling_note(cls, config) -> str:
+        spread = math.sqrt(2 * math.pi * (0.5 - 1 / (2 * math.pi)) / config.num_experts)
         return (
-            "ReLU gates do not sum to 1 per token, so the upcycled model does not compute what the dense one did "
-            "until the gates are trained"
+            "ReLU gates do not sum to 1 per token: the router is drawn so that their sum is 1 in expectation, with a "
+            f"spread of about {spread:.2f} (s.d., for inputs of norm sqrt(hidden size)), so the model computes the "
+            "dense one's function scaled per token by that sum until the gates are trained"
         )
 
 
 class DynMoERouter(Router, name="dynmoe"):
     """DynMoE's top-any gating (Guo et al. 2024, "Dynamic Mixture of Experts: An Auto-Tuning Approach for
-    Efficient Transformer Models").
+    Efficient Transformer Models"; code LINs-lab/DynMoE, its DeepSpeed implementation).
 
     `weight` holds the experts' embeddings w_i; expert i is active for a token h when sigmoid(cos(h, w_i)) >
     sigmoid(theta_i), with trainable per-expert thresholds theta (`expert_thresholds`, 0 at init); the cosines
-    are the `router_logits`. The active experts share the token equally (weights 1 / K, as DynMoE's code combines
-    them), with DynMoE's straight-through gradient (each active weight carries the gradient of sigmoid(cos) -
-    sigmoid(theta), so W and theta learn); a token with no active expert takes its best one (highest cosine),
-    weight 1. The load-balancing loss is Top-K's on those weights over the tokens with an active expert; the router
-    loss is DynMoE's regularisers: `dynmoe_diversity_coef` * ||W_n W_n^T - I||_F (W_n: unit-norm embeddings) +
+    are the `router_logits`. The active experts share the token equally (weights 1 / K), with DynMoE's
+    straight-through gradient (each active weight carries the gradient of sigmoid(cos) - sigmoid(theta), so W and
+    theta learn). A token with no active expert uses none in training, as the original (its MoE output is 0;
+    `dynmoe_fallback_in_training=True`: its best one), and its best expert (highest cosine), weight 1, at
+    inference. The load-balancing loss is the original's E * sum_i me_i ce_i over the real tokens with an active
+    expert (me_i: mean of the gates normalised per token, ce_i: the share of those tokens using expert i); the
+    router loss DynMoE's regularisers: `dynmoe_diversity_coef` * ||W_n W_n^T - I||_F (W_n: unit-norm embeddings) +
     `dynmoe_simplicity_coef` * mean_i ||w_i|| + `dynmoe_efficiency_coef` * mean over real tokens of the share of
-    active experts.
+    active experts. Both add up over the layers, as DynMoE's MoE-LLaVA does.
     """
 
     summary = (
         "expert i active when sigmoid(cos(h, w_i)) > sigmoid(theta_i) with trainable theta (top-any), the best expert "
-        "when none is; diversity, simplicity and efficiency regularisers"
+        "when none is (at inference); diversity, simplicity and efficiency regularisers"
     )
     settings = (
         number_setting("dynmoe_diversity_coef", 0.01, "weight of ||W_n W_n^T - I||_F", 0.0),
         number_setting("dynmoe_simplicity_coef", 0.01, "weight of the mean embedding norm", 0.0),
         number_setting("dynmoe_efficiency_coef", 0.01, "weight of the mean share of active experts", 0.0),
+        flag_setting(
+            "dynmoe_fallback_in_training",
+            False,
+            "a training token with no active expert uses its best one (the original: none)",
+            legacy=True,
+        ),
     )
+    layer_loss_reduction = "sum"  # DynMoE's MoE-LLaVA adds its layers' l_aux
 
     def __init__(self, config, layer_idx: int = 0):
         super().__init__(config, layer_idx)
@@ -820,16 +912,20 @@ class DynMoERouter(Router, name="dynmoe"):
         self.diversity_coef = config.dynmoe_diversity_coef
         self.simplicity_coef = config.dynmoe_simplicity_coef
         self.efficiency_coef = config.dynmoe_efficiency_coef
+        self.fallback_in_training = config.dynmoe_fallback_in_training
 
     def gates(self, cosine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """From cos(h, w_i) (T, E): the straight-through gates of the active experts (1 forward), the chosen
-        experts (active, or the best one of a token with none) and their weights 1 / K, all (T, E)."""
+        experts (the active ones; and the best one of a token with none, at inference or with the fallback) and
+        their weights 1 / K, all (T, E)."""
         margin = torch.sigmoid(cosine) - torch.sigmoid(self.expert_thresholds.float())
         active = margin > 0
         straight_through = active.float() + (margin - margin.detach()) * active
         best = F.one_hot(cosine.argmax(-1), self.num_experts).bool() & ~active.any(-1, keepdim=True)
+        if self.training and not self.fallback_in_training:
+            best = torch.zeros_like(best)
         chosen = active | best
-        weights = (straight_through + best.float()) / chosen.sum(-1, keepdim=True)
+        weights = (straight_through + best.float()) / chosen.sum(-1, keepdim=True).clamp(min=1)
         return straight_through, chosen, weights
 
     def forward(
@@ -850,10 +946,16 @@ class DynMoERouter(Router, name="dynmoe"):
         )
 
     def balancing_loss(self, routing, token_mask=None, vision_mask=None) -> torch.Tensor:
-        """The load-balancing loss on the gate weights, over the real tokens that have an active expert."""
-        straight_through, _, weights = self.gates(routing.router_logits)
-        routed = token_weights(token_mask, weights) * (straight_through.detach().sum(-1) > 0)
-        return load_balancing_loss(weights, routing.expert_indices, routed)
+        """DynMoE's balancing term over the real tokens with an active expert: E * sum_i me_i ce_i, me_i the mean of
+        the gates normalised per token (the normaliser carries gradient), ce_i the share of those tokens that use
+        expert i."""
+        straight_through, _, _ = self.gates(routing.router_logits)
+        routed = token_weights(token_mask, straight_through) * (straight_through.detach().sum(-1) > 0)
+        normalised = straight_through / straight_through.sum(-1, keepdim=True).clamp(min=1e-9)
+        count = routed.sum().clamp(min=1.0)
+        me = (normalised * routed[:, None]).sum(0) / count
+        ce = ((straight_through.detach() > 0).float() * routed[:, None]).sum(0) / count
+        return self.num_experts * (me * ce).sum()
 
     def router_loss(self, routing, token_mask=None, vision_mask=None) -> torch.Tensor:
         """DynMoE's diversity, simplicity and efficiency regularisers, weighted by their coefficients."""
@@ -872,33 +974,55 @@ class DynMoERouter(Router, name="dynmoe"):
 
 
 class MoEPlusPlusRouter(Router, name="moepp"):
-    """MoE++ (Jin et al. 2024, "MoE++: Accelerating Mixture-of-Experts Methods with Zero-Computation Experts").
+    """MoE++ (Jin et al. 2024, "MoE++: Accelerating Mixture-of-Experts Methods with Zero-Computation Experts"; code
+    SkyworkAI/MoE-plus-plus).
 
     Beside the E FFN experts, `moepp_zero_experts` zero experts (output 0), `moepp_copy_experts` copy experts
-    (output h) and `moepp_constant_experts` constant experts (output alpha_1 h + alpha_2 v, [alpha_1, alpha_2] =
-    softmax(W_c h), v learned): routed experts E..E+Z-1 in that order. Softmax over all E + Z experts, top-k
-    (`num_experts_per_tok`), weights renormalised over the k (`norm_topk_prob`). The `Routing` names the FFN
-    experts only (the sentinel E for the others), so only they go through the experts kernels; the others'
-    weighted outputs are `zero_computation_output`, which the MoE block adds. Avg K counts FFN experts only.
+    (output x) and `moepp_constant_experts` constant experts (output alpha_1 x + alpha_2 v, [alpha_1, alpha_2] =
+    softmax(W_c x), v learned): routed experts E..E+Z-1 in that order. The gate is the original's two-layer
+    Linear(H, 8N) -> Tanh -> Linear(8N, N) over all N = E + Z experts (`moepp_gate="linear"`: one linear layer);
+    softmax, top-k (`num_experts_per_tok`); the zero experts' weights are set to 0 before the chosen weights are
+    renormalised (`norm_topk_prob`), so {FFN, zero} gives the FFN expert weight 1, as the original
+    (`moepp_zero_gate=False`: renormalised over all k). Every expert gets x = k * h, the original's default
+    (`moepp_scale_expert_input=False`: h). The `Routing` names the FFN experts only (the sentinel E for the others),
+    so only they go through the experts kernels; the others' weighted outputs are `zero_computation_output`, which
+    the MoE block adds. Avg K counts FFN experts only.
 
-    Gating residuals (`moepp_gating_residual`): a layer's logits add `residual_weight` (a learned (E+Z, E+Z)
-    map, 0 at init) applied to the logits of the previous MoE++ layer of the same forward (the routing context
-    carries them); the first layer, or a call outside a model's forward, adds the map of zeros. Heterogeneous
-    load balancing: (E + Z) * sum_i eta_i f_i Pbar_i over all E + Z experts, eta_i = 1 for FFN experts and
+    Gating residuals (`moepp_gating_residual`): a layer's logits add `residual_weight` (a learned (N, N) map,
+    N(0, std) at init as the original's) applied to the logits of the previous MoE++ layer of the same forward (the
+    routing context carries them); the first layer, or a call outside a model's forward, adds the map of zeros.
+    Heterogeneous load balancing (the paper's Eq. 7, not in the released code): sum_i eta_i f_i P_i over all N
+    experts, f_i the share of tokens that choose expert i, P_i its mean probability, eta_i = 1 for FFN experts and
     `moepp_tau` for the zero-computation ones.
     """
 
     summary = (
-        "top-k over the FFN experts plus zero, copy and constant (zero-computation) experts, gating residuals, "
-        "heterogeneous load balancing"
+        "top-k over the FFN experts plus zero, copy and constant (zero-computation) experts, a two-layer tanh gate "
+        "with gating residuals, heterogeneous load balancing"
     )
     uses = ("num_experts_per_tok", "norm_topk_prob", "aux_loss_fraction")
     settings = (
         integer_setting("moepp_zero_experts", 1, "zero experts (output 0)"),
-        integer_setting("moepp_copy_experts", 1, "copy experts (output h)"),
-        integer_setting("moepp_constant_experts", 2, "constant experts (output alpha_1 h + alpha_2 v)"),
+        integer_setting("moepp_copy_experts", 1, "copy experts (output x)"),
+        integer_setting("moepp_constant_experts", 2, "constant experts (output alpha_1 x + alpha_2 v)"),
         flag_setting("moepp_gating_residual", True, "logits add a learned map of the previous MoE++ layer's"),
         number_setting("moepp_tau", 0.75, "weight of the zero-computation experts in the balancing loss", 0.0),
+        choice_setting(
+            "moepp_gate",
+            "mlp",
+            "the gate: Linear(H, 8N) -> Tanh -> Linear(8N, N) (the original's default) or one linear layer",
+            ("mlp", "linear"),
+            legacy="linear",
+        ),
+        flag_setting(
+            "moepp_zero_gate",
+            True,
+            "the zero experts' weights are 0 before renormalising (the original)",
+            legacy=False,
+        ),
+        flag_setting(
+            "moepp_scale_expert_input", True, "every expert gets k * h (the original's default), else h", legacy=False
+        ),
     )
 
     def __init__(self, config, layer_idx: int = 0):
@@ -915,7 +1039,14 @@ class MoEPlusPlusRouter(Router, name="moepp"):
         )
         self.tau = config.moepp_tau
         self.gating_residual = config.moepp_gating_residual
-        self.weight = nn.Parameter(torch.zeros(self.num_routed_experts, hidden_size))
+        self.zero_gate = config.moepp_zero_gate
+        self.expert_input_scale = float(self.num_experts_per_tok) if config.moepp_scale_expert_input else 1.0
+        self.mlp_gate = config.moepp_gate == "mlp"
+        gate_input = hidden_size
+        if self.mlp_gate:
+            gate_input = 8 * self.num_routed_experts
+            self.hidden_weight = nn.Parameter(torch.zeros(gate_input, hidden_size))
+        self.weight = nn.Parameter(torch.zeros(self.num_routed_experts, gate_input))
         if self.gating_residual:
             self.residual_weight = nn.Parameter(torch.zeros(self.num_routed_experts, self.num_routed_experts))
         if self.num_constant_experts:
@@ -927,25 +1058,37 @@ class MoEPlusPlusRouter(Router, name="moepp"):
     def width(cls, config) -> int:
         return config.num_experts_per_tok  # FFN experts among its top-k
 
+    def gate_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(T, H) -> (T, N) logits of the gate (before the gating residual), float32."""
+        states = hidden_states.float()
+        if self.mlp_gate:
+            states = torch.tanh(F.linear(states, self.hidden_weight.float()))
+        return F.linear(states, self.weight.float())
+
     def forward(
         self,
         hidden_states: torch.Tensor,
         token_mask: torch.Tensor | None = None,
         vision_mask: torch.Tensor | None = None,
     ) -> Routing:
-        router_logits = F.linear(hidden_states.float(), self.weight.float())
+        router_logits = self.gate_logits(hidden_states)
         if self.gating_residual:
             context = current_routing_context()
             previous = None if context is None else context.previous_router_logits
             if previous is None or previous.shape != router_logits.shape:
+                # The first MoE++ layer adds the map of zeros: every parameter stays in the graph (DDP).
                 previous = torch.zeros_like(router_logits)
             router_logits = router_logits + F.linear(previous, self.residual_weight.float())
             if context is not None:
                 context.previous_router_logits = router_logits
         router_probs = F.softmax(router_logits, dim=-1)
         top_probs, top_indices = torch.topk(router_probs, self.num_experts_per_tok, dim=-1)
+        if self.zero_gate:
+            first_copy = self.num_experts + self.num_zero_experts
+            zero = (top_indices >= self.num_experts) & (top_indices < first_copy)
+            top_probs = top_probs.masked_fill(zero, 0.0)
         if self.norm_topk_prob:
-            top_probs = top_probs / top_probs.sum(-1, keepdim=True)
+            top_probs = top_probs / top_probs.sum(-1, keepdim=True).clamp(min=torch.finfo(top_probs.dtype).eps)
         ffn = top_indices < self.num_experts
         return Routing(
             router_logits=router_logits,
@@ -953,20 +1096,24 @@ class MoEPlusPlusRouter(Router, name="moepp"):
             expert_indices=top_indices.masked_fill(~ffn, self.num_experts),
             expert_weights=top_probs.masked_fill(~ffn, 0.0).to(hidden_states.dtype),
             expert_counts=ffn.sum(-1),
-            zero_computation_output=self.zero_computation_output(hidden_states, top_indices, top_probs),
+            zero_computation_output=self.zero_computation_output(
+                hidden_states * self.expert_input_scale, top_indices, top_probs
+            ),
+            expert_input_scale=self.expert_input_scale,
         )
 
     def zero_computation_output(
-        self, hidden_states: torch.Tensor, top_indices: torch.Tensor, top_weights: torch.Tensor
+        self, expert_input: torch.Tensor, top_indices: torch.Tensor, top_weights: torch.Tensor
     ) -> torch.Tensor:
-        """(T, H): the weighted outputs of the zero (0), copy (h) and constant (alpha_1 h + alpha_2 v) experts each
-        token chose among `top_indices` (T, k) with `top_weights` (T, k); 0 for a token that chose FFN experts only."""
-        num_tokens = hidden_states.shape[0]
+        """(T, H): the weighted outputs of the zero (0), copy (x) and constant (alpha_1 x + alpha_2 v) experts each
+        token chose among `top_indices` (T, k) with `top_weights` (T, k), on the experts' input x (T, H); 0 for a
+        token that chose FFN experts only."""
+        num_tokens = expert_input.shape[0]
         chosen = top_weights.new_zeros(num_tokens, self.num_routed_experts).scatter(-1, top_indices, top_weights)
         first_copy = self.num_experts + self.num_zero_experts
         first_constant = first_copy + self.num_copy_experts
-        states = hidden_states.float()
-        scale = chosen[:, first_copy:first_constant].sum(-1)  # copy experts: h
+        states = expert_input.float()
+        scale = chosen[:, first_copy:first_constant].sum(-1)  # copy experts: x
         out = None
         if self.num_constant_experts:
             constant = chosen[:, first_constant:]  # (T, C)
@@ -974,35 +1121,41 @@ class MoEPlusPlusRouter(Router, name="moepp"):
             scale = scale + (constant * alpha[..., 0]).sum(-1)
             out = (constant * alpha[..., 1]) @ self.constant_vectors.float()
         out = scale[:, None] * states if out is None else scale[:, None] * states + out
-        return out.to(hidden_states.dtype)
+        return out.to(expert_input.dtype)
 
     def balancing_loss(self, routing, token_mask=None, vision_mask=None) -> torch.Tensor:
-        """MoE++'s heterogeneous load balancing over all E + Z experts (FFN experts weighted 1, the others tau)."""
+        """MoE++'s heterogeneous load balancing (its paper's Eq. 7): sum_i eta_i f_i P_i over all N experts, f_i the
+        share of the real tokens choosing expert i (its top-k; `aux_loss_fraction="top1"`: its first choice), P_i
+        its mean probability, eta_i = 1 for FFN experts and tau for the zero-computation ones."""
         probs = routing.router_probs
-        if self.aux_loss_fraction == "top1":
-            assignments = probs.argmax(-1, keepdim=True)
-        else:
-            assignments = torch.topk(probs, self.num_experts_per_tok, dim=-1).indices
+        k = 1 if self.aux_loss_fraction == "top1" else self.num_experts_per_tok
+        assignments = torch.topk(probs, k, dim=-1).indices
         weights = token_weights(token_mask, probs)
-        load = expert_load(assignments, self.num_routed_experts, token_mask)
-        mean_probs = (probs * weights[:, None]).sum(0) / weights.sum().clamp(min=1.0)
+        count = weights.sum().clamp(min=1.0)
+        chosen = torch.zeros_like(probs).scatter(-1, assignments, 1.0)
+        share = (chosen * weights[:, None]).sum(0) / count
+        mean_probs = (probs * weights[:, None]).sum(0) / count
         eta = torch.ones_like(mean_probs)
         eta[self.num_experts :] = self.tau
-        return self.num_routed_experts * (eta * load * mean_probs).sum()
+        return (eta * share * mean_probs).sum()
 
     def init_weights(self, std: float) -> None:
         init.normal_(self.weight, mean=0.0, std=std)
+        if self.mlp_gate:
+            init.normal_(self.hidden_weight, mean=0.0, std=std)
         if self.gating_residual:
-            init.zeros_(self.residual_weight)
+            init.normal_(self.residual_weight, mean=0.0, std=std)
         if self.num_constant_experts:
-            init.normal_(self.constant_vectors, mean=0.0, std=std)
+            init.normal_(self.constant_vectors, mean=0.0, std=1.0)  # the original's v ~ N(0, 1)
             init.normal_(self.constant_gate, mean=0.0, std=std)
 
     @classmethod
     def upcycling_note(cls, config) -> str:
+        scaled = " and every expert gets k * h (`moepp_scale_expert_input`)" if config.moepp_scale_expert_input else ""
         return (
-            "tokens routed to zero, copy or constant experts get their outputs instead of the dense FFN's, so the "
-            "upcycled model does not compute what the dense one did until the router is trained"
+            "tokens routed to zero, copy or constant experts get their outputs instead of the dense FFN's"
+            + scaled
+            + ", so the upcycled model does not compute what the dense one did until the router is trained"
         )
 
 

@@ -138,6 +138,7 @@ class Routing:
     - `difficulty` (T,): the difficulty signal a router routes by (DARE), else None
     - `zero_computation_output` (T, H): what experts the router computes itself contribute (MoE++'s zero, copy and
       constant experts), added by the MoE block to the FFN experts' output; else None
+    - `expert_input_scale`: the FFN experts get `expert_input_scale * h` (MoE++'s original feeds them 2h), else 1
     - `aux_loss`, `router_loss`: the layer's load-balancing loss and the router's own weighted terms, filled by the
       MoE block when the model asks for losses (`Router.balancing_loss`, `Router.router_loss`)
 
@@ -151,6 +152,7 @@ class Routing:
     router_probs: torch.Tensor | None = None
     difficulty: torch.Tensor | None = None
     zero_computation_output: torch.Tensor | None = None
+    expert_input_scale: float = 1.0
     aux_loss: torch.Tensor | None = None
     router_loss: torch.Tensor | None = None
 
@@ -276,6 +278,9 @@ class Router(nn.Module):
     uses: ClassVar[tuple[str, ...]] = ()
     summary: ClassVar[str] = ""
     dial: ClassVar[Dial | None] = None
+    # How the model adds up the layers' `balancing_loss` and `router_loss`: "mean" or "sum" over the MoE layers of
+    # this router (its original's choice; `config.router_aux_loss_reduction` overrides it for every router).
+    layer_loss_reduction: ClassVar[str] = "mean"
     # Whether the model computes its own next-token NLL for `token_nll_loss` (DARE's predictor), that loss's
     # weight in the model's loss, and the positions it learns from ("labels": those with a label; "text": every
     # text position).
@@ -362,6 +367,12 @@ class Router(nn.Module):
         on every rank (every rank calls it once per optimizer step). Returns what moved, or None."""
         return None
 
+    @classmethod
+    def update_states(cls, routers: list["Router"]) -> list[dict | None]:
+        """The per-step update of every layer of this router, in layer order (what the model calls): each
+        layer's own `update_state` unless the router's state is shared between its layers (ReMoE's lambda)."""
+        return [router.update_state() for router in routers]
+
     def logged_state(self) -> dict[str, float]:
         """The per-step state for the training logs, keyed as logged under `routing/`."""
         return {}
@@ -373,6 +384,11 @@ class Router(nn.Module):
         the upcycling conversion both call it, so an upcycled router starts as a new model's does."""
         for parameter in self.parameters(recurse=False):
             init.normal_(parameter, mean=0.0, std=std)
+
+    def init_upcycled(self, std: float) -> None:
+        """Initialise a router for a model upcycled from a dense FFN (whose experts are copies of it): as a new
+        model's (`init_weights`) unless the router can start closer to the dense model's function."""
+        self.init_weights(std)
 
     @classmethod
     def upcycling_note(cls, config) -> str:

@@ -3,6 +3,7 @@ Top-2 on the others) and DARE's difficulty proxies; `hf-dare import-moellava` ke
 gating settings for training."""
 
 import json
+import math
 import shlex
 
 import pytest
@@ -145,8 +146,8 @@ ROUTER_CLASS_NAMES = {
 @pytest.mark.parametrize("router", list(ROUTER_CLASS_NAMES))
 def test_upcycle_into_the_baseline_routers(dense_dirs, tmp_path, router, capsys):
     """Every router of the config upcycles (the router study trains them all from one upcycled start): the
-    checkpoint holds exactly the model's tensors, initialised as the router's own `init_weights` does,
-    the experts are the dense FFN, and it trains."""
+    checkpoint holds exactly the model's tensors, initialised as the router's own `init_upcycled` does,
+    the experts are the dense FFN, its card states the measured gap to the dense model, and it trains."""
     src, out = dense_dirs["qwen2"], tmp_path / router
     assert main(["upcycle", str(src), str(out), "--experts", "4", "--router", router, "--seed", "3"]) == 0, (
         capsys.readouterr().err
@@ -166,16 +167,22 @@ def test_upcycle_into_the_baseline_routers(dense_dirs, tmp_path, router, capsys)
         if router == "dynmoe":  # orthonormal expert embeddings, thresholds 0
             torch.testing.assert_close(weight @ weight.T, torch.eye(weight.shape[0]), atol=1e-5, rtol=0)
             assert torch.equal(block.gate.expert_thresholds, torch.zeros(model.config.num_experts))
+        elif router == "remoe":  # gates summing to 1 per token in expectation: std sqrt(2 pi) / (E sqrt(H))
+            expected = math.sqrt(2 * math.pi) / (model.config.num_experts * math.sqrt(weight.shape[1]))
+            assert 0.5 * expected < weight.std().item() < 1.5 * expected
         else:
             assert 0.5 * std < weight.std().item() < 1.5 * std
         if router == "remoe":
             assert block.gate.l1_coef.dtype == torch.float32
             assert block.gate.l1_coef.item() == pytest.approx(model.config.remoe_initial_l1_coef)
-        if router == "moepp" and block.gate.gating_residual:
-            assert torch.equal(block.gate.residual_weight, torch.zeros_like(block.gate.residual_weight))
+        if router == "moepp":  # the original's init: residual map N(0, std), constant vectors N(0, 1)
+            assert 0.5 * std < block.gate.residual_weight.std().item() < 1.5 * std
+            assert 0.5 < block.gate.constant_vectors.std().item() < 1.5
     first, second = (model.get_decoder().layers[i].mlp.gate.weight for i in model.config.moe_layers[:2])
     assert not torch.equal(first, second)  # each layer's router has its own random stream
 
+    card = (out / "README.md").read_text()
+    assert "Measured after upcycling, on 2 x 32 random text tokens: largest |logit difference|" in card
     again = upcycle(src, tmp_path / "again", router=router, seed=3)
     assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 

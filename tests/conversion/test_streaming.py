@@ -22,13 +22,14 @@ def status_kib(field: str) -> int:
     return int(line.split()[1]) * 1024
 
 # Warm-up on a tiny checkpoint of the same family: imports and one-off allocations are the baseline.
-conversion.upcycle(sys.argv[4], sys.argv[5], num_experts=4, router="dare")
+conversion.upcycle(sys.argv[4], sys.argv[5], num_experts=4, router="dare", measure_gap=False)
 try:
     Path("/proc/self/clear_refs").write_text("5")
 except OSError:
     pass
 before = status_kib("VmRSS")
-conversion.upcycle(sys.argv[1], sys.argv[2], num_experts=4, router="dare", max_shard_size=sys.argv[3])
+conversion.upcycle(sys.argv[1], sys.argv[2], num_experts=4, router="dare", max_shard_size=sys.argv[3],
+                  measure_gap=False)
 print(status_kib("VmHWM") - before)
 """
 

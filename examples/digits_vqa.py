@@ -125,7 +125,11 @@ def build_starting_point(out: Path, seed: int, tokenizer=None) -> Path:
     return build_llava(out / "llm", out / "vision", out / "dense", vision_feature_layer=-1, seed=seed, overwrite=True)
 
 
-def train_stage(model_dir: Path, out: Path, stage: TrainingStage, data: dict, size: RunSize, steps: int, seed: int):
+def train_stage(
+    model_dir: Path, out: Path, stage: TrainingStage, data: dict, size: RunSize, steps: int, seed: int, **overrides
+):
+    """Train `stage` from `model_dir` into `out`; `overrides`: further `MoETrainingArguments` (e.g.
+    `answer_reweighting`)."""
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
     processor = AutoProcessor.from_pretrained(model_dir)
     apply_stage(model, stage)
@@ -141,6 +145,7 @@ def train_stage(model_dir: Path, out: Path, stage: TrainingStage, data: dict, si
         use_cpu=True,
         seed=seed,
         disable_tqdm=True,
+        **overrides,
     )
     trainer = MoETrainer(
         model=model,

@@ -4,10 +4,15 @@ scikit-learn's 8x8 handwritten digits (upscaled to 32x32) give questions with kn
 "what digit is shown ?", "is the digit even ?", "what is the sum of the two digits ?" (two images);
 scikit-image's sample photographs add "is this a digit ?" for variety. Written in the LLaVA conversation
 format (a JSON list + an image folder), split into train / test with disjoint digit images.
+
+`make_long_tailed_digits_vqa` subsamples it to long-tailed answer frequencies (CIFAR-100-LT's profile, imbalance
+ratio 100) with a test set balanced over the answers.
 """
 
 import json
+import math
 import random
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -136,4 +141,77 @@ def make_digits_vqa(out_dir: str | Path, n_train: int = 3000, n_test: int = 400,
             records.append(record)
         paths[split] = out_dir / f"{split}.json"
         paths[split].write_text(json.dumps(records, indent=1))
+    return paths
+
+
+def answer_of(record: dict) -> str:
+    """The reference answer of a digits-VQA record (its last turn)."""
+    return record["conversations"][-1]["value"]
+
+
+def long_tailed_counts(
+    available: dict[str, int], imbalance_ratio: float = 100.0, n_max: int | None = None
+) -> dict[str, int]:
+    """Train samples per answer, CIFAR-100-LT's profile: the answer of rank i (by `available` count, most first;
+    ties by name) keeps n_i = int(n_max * imbalance_ratio ** (-i / (C - 1))) samples (at least 1), so the most
+    frequent answer has `imbalance_ratio` times the samples of the rarest. `n_max` is capped by what `available`
+    allows at every rank."""
+    order = sorted(available, key=lambda answer: (-available[answer], answer))
+    share = [
+        (1 / imbalance_ratio) ** (rank / (len(order) - 1)) for rank in range(len(order))
+    ]  # as CIFAR-100-LT's code
+    feasible = math.floor(min(available[answer] / share[rank] for rank, answer in enumerate(order)))
+    n_max = feasible if n_max is None else min(n_max, feasible)
+    return {answer: max(1, int(n_max * share[rank])) for rank, answer in enumerate(order)}
+
+
+def make_long_tailed_digits_vqa(
+    out_dir: str | Path,
+    n_max: int = 1000,
+    imbalance_ratio: float = 100.0,
+    test_per_answer: int = 20,
+    seed: int = 0,
+) -> dict[str, Path]:
+    """A long-tailed digits VQA: `make_digits_vqa` pools (under `out_dir/pool`, large enough for the rarest answers)
+    subsampled so that answer frequencies follow CIFAR-100-LT's profile (`long_tailed_counts`: the most frequent of
+    the 21 answers 0..18 / yes / no has `n_max` train samples, the rarest `n_max / imbalance_ratio`); answers ranked
+    by their frequency in the pool (yes / no, then single digits, then the sums above 9: the rare answers are the
+    large sums). The test set is balanced: `test_per_answer` samples of every answer (fewer where the test pool has
+    fewer). Answer groups by train rank: `head` the most frequent third, `medium` the next, `tail` the rarest third.
+
+    Writes `train.json`, `test.json` and `answers.json` ({answer: {"train", "test", "group"}}) under `out_dir`;
+    returns their paths and `images`.
+    """
+    out_dir = Path(out_dir)
+    # The rarest answers (sums 0 and 18) are ~0.2% of the questions: pools large enough for every rank's count.
+    pool = make_digits_vqa(
+        out_dir / "pool", n_train=max(30 * n_max, 2000), n_test=max(1000 * test_per_answer, 2000), seed=seed
+    )
+    by_answer = {}
+    for split in ("train", "test"):
+        by_answer[split] = defaultdict(list)
+        for record in json.loads(pool[split].read_text()):
+            by_answer[split][answer_of(record)].append(record)
+    counts = long_tailed_counts({a: len(r) for a, r in by_answer["train"].items()}, imbalance_ratio, n_max)
+    order = list(counts)  # most frequent first
+    rng = random.Random(seed)
+    train = [record for answer in order for record in rng.sample(by_answer["train"][answer], counts[answer])]
+    rng.shuffle(train)
+    test = []
+    for answer in order:
+        records = by_answer["test"].get(answer, [])
+        test += rng.sample(records, min(test_per_answer, len(records)))
+    third = math.ceil(len(order) / 3)
+    answers = {
+        answer: {
+            "train": counts[answer],
+            "test": sum(answer_of(record) == answer for record in test),
+            "group": ("head", "medium", "tail")[rank // third],
+        }
+        for rank, answer in enumerate(order)
+    }
+    paths = {"images": pool["images"]}
+    for name, content in (("train", train), ("test", test), ("answers", answers)):
+        paths[name] = out_dir / f"{name}.json"
+        paths[name].write_text(json.dumps(content, indent=1))
     return paths

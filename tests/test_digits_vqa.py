@@ -126,3 +126,37 @@ def test_report_command_evaluates_a_saved_model_and_writes_the_plots(tmp_path):
     assert {"avg_k.png", "expert_load.png", "difficulty.png", "accuracy_by_difficulty.png"} <= {
         p.name for p in report.iterdir()
     }
+
+
+def test_long_tailed_digits_vqa_follows_the_cifar_lt_profile(tmp_path):
+    data = load_example("digits_vqa_data")
+    paths = data.make_long_tailed_digits_vqa(tmp_path, n_max=200, imbalance_ratio=100, test_per_answer=3, seed=0)
+    answers = json.loads(paths["answers"].read_text())
+    train, test = (json.loads(paths[split].read_text()) for split in ("train", "test"))
+    counts = [a["train"] for a in answers.values()]  # most frequent first
+    assert len(answers) == 21 and counts == sorted(counts, reverse=True)
+    assert counts == [max(1, int(counts[0] * 0.01 ** (rank / 20))) for rank in range(21)]  # n_max * 100^(-i/20)
+    assert counts[0] / counts[-1] == 100  # the imbalance ratio
+    assert {a: sum(data.answer_of(r) == a for r in train) for a in answers} == {
+        a: v["train"] for a, v in answers.items()
+    }
+    assert all(v["test"] == 3 for v in answers.values()) and len(test) == 63  # balanced test set
+    groups = [a["group"] for a in answers.values()]
+    assert groups == ["head"] * 7 + ["medium"] * 7 + ["tail"] * 7
+    assert {"yes", "no"} <= {a for a, v in answers.items() if v["group"] == "head"}
+    train_images = {r["image"] if isinstance(r["image"], str) else r["image"][0] for r in train}
+    test_images = {r["image"] if isinstance(r["image"], str) else r["image"][0] for r in test}
+    assert not {i for i in train_images & test_images if i.startswith("digit_")}
+
+
+@pytest.mark.slow
+def test_long_tailed_quick_pipeline_writes_the_results(tmp_path):
+    example = load_example("long_tailed_vqa")
+    assert example.main(["--quick", "--out", str(tmp_path), "--seeds", "0"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["summary"]) == {"plain", "dqroute", "ccar"}
+    for summary in results["summary"].values():
+        assert set(summary) == {"overall", "head", "medium", "tail"}
+        assert all(0.0 <= mean <= 1.0 for mean, _ in summary.values())
+    table = (tmp_path / "results.md").read_text()
+    assert "| dqroute |" in table and "| ccar |" in table and "a pipeline check" in table

@@ -1,16 +1,17 @@
 """Trainer callbacks: `RoutingCallback`, the one hf-dare's models need under any `Trainer`, moves the routers'
 per-step state once per optimizer step and puts the routing metrics into the logs; `RoutingMetricsCallback` does
-the second alone."""
+the second alone; `AnswerReweightingCallback` reweights the CE over answer tokens (DQRoute, CCAR)."""
 
 import sys
 
 from torch import nn
 from transformers import TrainerCallback
-from transformers.trainer_callback import CallbackHandler
+from transformers.trainer_callback import CallbackHandler, ExportableState
 
 from hf_dare.modeling.routers import ThresholdTracker
 
 from .metrics import RoutingMetrics, threshold_metrics
+from .reweighting import AnswerReweighting, answer_reweighting, reweighted_loss
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -173,6 +174,99 @@ class RoutingCallback(RoutingMetricsCallback):
             self.last_thresholds = {i: s["thresholds"] for i, s in self.last_state.items() if "thresholds" in s}
         elif model is not None and hasattr(model, "update_difficulty_thresholds"):
             self.last_thresholds = model.update_difficulty_thresholds()
+
+
+class AnswerReweightingCallback(TrainerCallback, ExportableState):
+    """Long-tailed loss reweighting over answer tokens under any `Trainer`: `callbacks=[AnswerReweightingCallback(
+    "dqroute")]` or `("ccar")`, with the method's options as keyword arguments (`DQRouteWeights`, `CCARWeights`).
+
+    - A forward hook on the model (the unwrapped one, as `RoutingMetricsCallback`'s) replaces the loss of every
+      training forward that has labels by `reweighted_loss`: the model's loss with its CE reweighted, sum_t w_t nll_t
+      / num_items_in_batch, its routing terms (L_diff, L_lb...) kept; the forward's tokens are recorded. Evaluation
+      forwards keep the plain loss and record nothing. `loss/ce` in the routing metrics stays the plain CE.
+    - At the end of every optimizer step, on every rank, the statistics are updated from what all ranks recorded in
+      the step (`AnswerReweighting.update`): identical on every rank, and the weights within a step are those of
+      before it, so gradient accumulation and world size give the same update.
+    - The statistics are saved in every checkpoint (`trainer_state.json`, as an `ExportableState` callback's state)
+      and a resumed run continues them, whether or not `restore_callback_states_from_checkpoint` is set.
+
+    Not `Trainer(compute_loss_func=...)`: the Trainer then withholds the labels from the model, whose own loss
+    (CE and DARE's L_diff) is then not computed. The weights themselves: `callback.reweighting`.
+    """
+
+    def __init__(self, method: str = "dqroute", **options):
+        self.method = method
+        self.reweighting: AnswerReweighting = answer_reweighting(method, **options)
+        self._model: nn.Module | None = None
+        self.last_update: dict[str, float] = {}
+
+    @property
+    def statistics(self) -> dict:
+        """The running statistics (JSON-able): what a checkpoint keeps."""
+        return self.reweighting.state_dict()
+
+    @statistics.setter
+    def statistics(self, state: dict) -> None:
+        self.reweighting.load_state_dict(state)
+
+    def state(self) -> dict:
+        return {
+            "args": {"method": self.method, **self.reweighting.options()},
+            "attributes": {"statistics": self.statistics},
+        }
+
+    def attach(self, model: nn.Module) -> None:
+        """Reweight the training loss of `model` (any wrapper of it); one reweighting hook per model (a callback
+        that the Trainer recreated from a checkpoint takes over from the one it replaced)."""
+        model = unwrap_model(model)
+        if model is self._model:
+            return
+        previous = getattr(model, "_answer_reweighting_hook", None)
+        if previous is not None:
+            previous.remove()
+        model._answer_reweighting_hook = model.register_forward_hook(self._reweight, with_kwargs=True)
+        self._model = model
+
+    def detach(self) -> None:
+        """Stop reweighting."""
+        hook = getattr(self._model, "_answer_reweighting_hook", None)
+        if hook is not None:
+            hook.remove()
+            self._model._answer_reweighting_hook = None
+        self._model = None
+
+    def _reweight(self, module: nn.Module, args, kwargs, outputs):
+        labels = kwargs.get("labels")
+        if not module.training or labels is None:
+            return None
+        if not isinstance(outputs, dict):
+            raise TypeError("answer reweighting needs the model's output as a ModelOutput (return_dict=True)")
+        loss, logits = outputs.get("loss"), outputs.get("logits")
+        if loss is None or logits is None:
+            return None
+        outputs["loss"] = reweighted_loss(
+            loss,
+            logits,
+            labels,
+            self.reweighting,
+            num_items_in_batch=kwargs.get("num_items_in_batch"),
+            shift_labels=kwargs.get("shift_labels"),
+        )
+        return outputs
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self.attach(model)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self.attach(model)  # `model_init` may have made a new model
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if state.global_step > 0 and isinstance(saved, dict):  # resuming: continue the checkpoint's statistics
+            self.statistics = saved["attributes"]["statistics"]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.last_update = self.reweighting.update()
 
 
 # The name of earlier releases, which moved DARE's thresholds only (the metrics needed `RoutingMetricsCallback`).

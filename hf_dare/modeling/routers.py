@@ -1159,8 +1159,81 @@ class MoEPlusPlusRouter(Router, name="moepp"):
         )
 
 
+class HyperRouter(Router, name="hyperrouter"):
+    """HyperRouter (Do et al. 2023, "HyperRouter: Towards Efficient Training and Inference of Sparse Mixture of
+    Experts"; code giangdip2410/HyperRouter, `HyperRouterGate` in custom_gate.py).
+
+    The router's weights are generated, not trained: W (E, H) and b (E) = H(e), a hypernetwork H = Linear(H, S) ->
+    ReLU -> Linear(S, E * H + E) applied to a small trainable embedding e (1, H) per layer; logits = W h + b,
+    each token's top-k (`num_experts_per_tok`), weights the softmax over the chosen logits (= the probabilities
+    renormalised over the k: `norm_topk_prob`). The hypernetwork is fixed (random, never trained): its tensors are
+    persistent buffers (`hyper_*`), saved with the checkpoint, so only e learns, a middle way between a trained
+    router and a frozen random one (SMoE-Dropout). No load-balancing loss, as the original gate has none.
+    Initialisation as the original's: e ~ N(0, 1), the hypernetwork's layers as PyTorch's `nn.Linear` (uniform
+    within 1 / sqrt(fan in)). `hyperrouter_hidden_size` is S (the original's `hyper_size`: 64 for enwik8, 256 for
+    WikiText-103).
+    """
+
+    summary = (
+        "top-k over logits W h + b whose weights a fixed random hypernetwork generates from a small trainable "
+        "embedding per layer"
+    )
+    uses = ("num_experts_per_tok", "norm_topk_prob")
+    settings = (integer_setting("hyperrouter_hidden_size", 64, "S, the hypernetwork's hidden width", 1),)
+    dial = Dial("integer", "num_experts_per_tok")
+
+    def __init__(self, config, layer_idx: int = 0):
+        super().__init__(config, layer_idx)
+        hidden_size, width = config.text_config.hidden_size, config.hyperrouter_hidden_size
+        self.num_experts_per_tok = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.embedding = nn.Parameter(torch.zeros(1, hidden_size))
+        generated = config.num_experts * hidden_size + config.num_experts
+        self.register_buffer("hyper_in_weight", torch.zeros(width, hidden_size))
+        self.register_buffer("hyper_in_bias", torch.zeros(width))
+        self.register_buffer("hyper_out_weight", torch.zeros(generated, width))
+        self.register_buffer("hyper_out_bias", torch.zeros(generated))
+
+    @classmethod
+    def width(cls, config) -> int:
+        return config.num_experts_per_tok
+
+    def generated_router(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router weight (E, H) and bias (E,) the hypernetwork makes from the embedding, float32."""
+        hidden = F.relu(F.linear(self.embedding.float(), self.hyper_in_weight.float(), self.hyper_in_bias.float()))
+        generated = F.linear(hidden, self.hyper_out_weight.float(), self.hyper_out_bias.float())[0]
+        weight_and_bias = generated.view(self.num_experts, -1)
+        return weight_and_bias[:, :-1], weight_and_bias[:, -1]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        vision_mask: torch.Tensor | None = None,
+    ) -> Routing:
+        weight, bias = self.generated_router()
+        router_logits = F.linear(hidden_states.float(), weight, bias)
+        router_probs = F.softmax(router_logits, dim=-1)
+        counts = torch.full_like(router_probs[:, 0], self.num_experts_per_tok, dtype=torch.long)
+        return top_n_routing(
+            router_logits, router_probs, counts, self.num_experts_per_tok, hidden_states.dtype, self.norm_topk_prob
+        )
+
+    def init_weights(self, std: float) -> None:
+        init.normal_(self.embedding, mean=0.0, std=1.0)
+        for name in ("hyper_in", "hyper_out"):
+            weight, bias = getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias")
+            bound = 1.0 / math.sqrt(weight.shape[1])
+            init.uniform_(weight, -bound, bound)
+            init.uniform_(bias, -bound, bound)
+
+    def set_dial(self, value) -> None:
+        self.num_experts_per_tok = int(value)
+
+
 __all__ = [
     "DareRouter",
+    "HyperRouter",
     "DifficultyPredictor",
     "DynMoERouter",
     "LtdrRouter",

@@ -12,7 +12,10 @@ def sharpen_routers(model, scale: float = 40.0) -> None:
     """Routers far from uniform (as trained ones are), so that routing decisions differ between tokens."""
     with torch.no_grad():
         for block in model.moe_blocks:
-            block.gate.weight.normal_(0.0, scale * 0.02)
+            if hasattr(block.gate, "hyper_out_weight"):  # HyperRouter: its generated router weights
+                block.gate.hyper_out_weight.normal_(0.0, scale * 0.02)
+            else:
+                block.gate.weight.normal_(0.0, scale * 0.02)
 
 
 def text_model(router: str) -> MoEForCausalLM:

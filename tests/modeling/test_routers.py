@@ -22,7 +22,7 @@ from tests.modeling.test_modeling_moe_llava import image_batch
 from tests.modeling.test_remote_code import run_without_hf_dare
 from tests.tiny_models import TEXT_FAMILIES, llava_config, moe_config, random_batch, randomise
 
-BASELINES = ("top_p", "remoe", "dynmoe", "moepp")
+BASELINES = ("top_p", "remoe", "dynmoe", "moepp", "hyperrouter")
 BACKBONES = (*TEXT_FAMILIES, "llava")
 HIDDEN = 32
 
@@ -54,9 +54,10 @@ def test_forward_backward_and_loss_parts(backbone, router):
     model = build(router, backbone)
     outputs = model(**batch_for(model))
     beta = model.config.router_aux_loss_coef
-    assert torch.isfinite(outputs.ce_loss) and torch.isfinite(outputs.aux_loss)
-    assert (outputs.router_loss is None) == (router == "moepp")  # MoE++ has no router loss of its own
-    expected = outputs.ce_loss + beta * outputs.aux_loss
+    assert torch.isfinite(outputs.ce_loss)
+    assert (outputs.aux_loss is None) == (router == "hyperrouter")  # HyperRouter's original gate has no balancing
+    assert (outputs.router_loss is None) == (router in ("moepp", "hyperrouter"))  # no router loss of their own
+    expected = outputs.ce_loss if outputs.aux_loss is None else outputs.ce_loss + beta * outputs.aux_loss
     if outputs.router_loss is not None:
         assert torch.isfinite(outputs.router_loss) and outputs.router_loss > 0
         expected = expected + outputs.router_loss
@@ -70,7 +71,7 @@ def test_forward_backward_and_loss_parts(backbone, router):
     for block in model.moe_blocks:
         gate_grads = {name: p.grad for name, p in block.gate.named_parameters()}
         assert all(g is not None for g in gate_grads.values()), gate_grads.keys()
-        assert gate_grads["weight"].abs().sum() > 0
+        assert gate_grads["embedding" if router == "hyperrouter" else "weight"].abs().sum() > 0
     if router == "dynmoe":  # the straight-through gates train the thresholds
         assert all(b.gate.expert_thresholds.grad.abs().sum() > 0 for b in model.moe_blocks)
     if router == "moepp":  # the second MoE layer's residual map sees the first layer's logits
@@ -101,7 +102,11 @@ def perturb_router_state(model) -> None:
     with torch.no_grad():
         for i, block in enumerate(model.moe_blocks):
             gate = block.gate
-            gate.weight.normal_(0.0, 0.5)
+            if hasattr(gate, "weight"):
+                gate.weight.normal_(0.0, 0.5)
+            if hasattr(gate, "embedding"):  # HyperRouter: its embedding, and its fixed hypernetwork (buffers)
+                gate.embedding.normal_(0.0, 1.0)
+                gate.hyper_out_weight.normal_(0.0, 0.2)
             if hasattr(gate, "l1_coef"):
                 gate.l1_coef.fill_(0.37 + i)
             if hasattr(gate, "expert_thresholds"):

@@ -1,5 +1,5 @@
 """Activated parameters N_A and GFLOPs/token of Top-2 vs DARE, from the routing of one forward pass
-(`hf_dare.flops`; the conventions are in that module's docstring).
+(`hf_dare.evaluation.flops`; the conventions are in that module's docstring).
 
     python benchmarks/flops.py                      # the generate.py model (random weights), DARE at Avg K 1.2
     python benchmarks/flops.py --model PATH         # a saved hf_dare checkpoint instead, on random tokens
@@ -11,7 +11,7 @@ import torch
 from _common import force_dare_avg_k, setup_threads
 from generate import build_models
 
-from hf_dare.flops import flops_per_token
+from hf_dare.evaluation.flops import flops_per_token
 from hf_dare.modeling.routers import DareRouter
 
 

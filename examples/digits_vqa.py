@@ -34,8 +34,8 @@ from transformers import (
 import hf_dare  # noqa: F401  (registers the MoE models with the Auto classes)
 from hf_dare.conversion import build_llava, upcycle
 from hf_dare.evaluation import evaluate_vqa, generation_throughput
-from hf_dare.flops import activated_parameters_at
-from hf_dare.report import write_report
+from hf_dare.evaluation.flops import activated_parameters_at
+from hf_dare.evaluation.report import write_report
 from hf_dare.training import (
     LlavaDataCollator,
     MoETrainer,

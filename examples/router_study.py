@@ -14,7 +14,7 @@ seeds, and a trained DARE model dialled across Avg K with `hf_dare.calibrate`.
    router entropy; `nll` is `dare` itself), per-batch thresholds (vs the EMA), Pi uniform and inverse (vs
    long-tailed);
 4. evaluation on the test split: accuracy overall and per question type, Avg K (all / text / vision, per layer),
-   activated parameters N_A and GFLOPs per token (`hf_dare.flops`), batched greedy tokens/s, shares of tokens
+   activated parameters N_A and GFLOPs per token (`hf_dare.evaluation.flops`), batched greedy tokens/s, shares of tokens
    using 0..E experts;
 5. the compute dial: the first seed's DARE model calibrated (`hf_dare.calibrate`, on training samples) to Avg K
    1.0 .. 2.0 and evaluated at each;
@@ -37,7 +37,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 import hf_dare
 from hf_dare.conversion import ConversionError, upcycle
 from hf_dare.evaluation import evaluate_vqa, generation_throughput
-from hf_dare.flops import flops_per_token_at
+from hf_dare.evaluation.flops import flops_per_token_at
 from hf_dare.modeling.configuration_moe import MoEConfigBase
 from hf_dare.modeling.routing import ROUTERS, router_settings
 from hf_dare.training import LlavaDataCollator, load_llava_dataset
@@ -325,7 +325,7 @@ def markdown(results: dict) -> str:
         "Δ vs top_k: accuracy minus Top-2's with the same seed (paired: same router seed and data order), mean ± "
         f"std; one accuracy on {results['size']['test_samples']} test questions has a binomial standard error of "
         f"about {math.sqrt(0.25 / results['size']['test_samples']):.3f} or less; "
-        "FLOPs per token from `hf_dare.flops` (2 N_A + attention over the mean causal context). "
+        "FLOPs per token from `hf_dare.evaluation.flops` (2 N_A + attention over the mean causal context). "
         f"Tokens/s: batched greedy generation (16 prompts x 16 new tokens), every model timed after all training, "
         f"one after another. Runtime {results['seconds'] / 60:.1f} min ({results['jobs']} training job(s) at once). "
         f"Command: `{results['command']}`.",

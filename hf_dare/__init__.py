@@ -7,8 +7,9 @@ own code and load with `trust_remote_code=True` where hf_dare is not installed.
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 
+from . import _renamed
 from .calibration import calibrate
-from .legacy import register_legacy_model_types
+from .conversion.legacy import register_legacy_model_types
 from .modeling import (
     DareRouter,
     DifficultyPredictor,
@@ -38,6 +39,7 @@ AutoConfig.register(MoELlavaConfig.model_type, MoELlavaConfig)
 AutoModel.register(MoELlavaConfig, MoELlavaModel)
 AutoModelForImageTextToText.register(MoELlavaConfig, MoELlavaForConditionalGeneration)
 register_legacy_model_types()  # folders written with the old model types `moe_causal_lm` / `moe_llava`
+_renamed.install()  # the modules that moved in 0.2, under their old names for one more release
 
 # `save_pretrained` then writes the modeling code and an `auto_map` beside the weights.
 MoECausalLMConfig.register_for_auto_class()

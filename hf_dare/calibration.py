@@ -23,7 +23,6 @@ the mode it came in. The calibration is recorded in `config.training_stages` (an
 
 import contextlib
 import itertools
-import json
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -31,11 +30,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .data import calibration_batches
 from .errors import InputError, existing_model_folder
-from .modeling import MoEConfigError, MoELlavaConfig, model_class_for
+from .modeling import MoEConfigError, model_class_for
 from .modeling.routers import is_distribution
 from .modeling.routing import ROUTERS, Dial, cumulative_levels
-from .modeling.statistics import avg_k, avg_k_per_layer, avg_k_sums
+from .modeling.statistics import avg_k, avg_k_per_layer, avg_k_sums, load_cv, statistics_record
 
 MODEL_INPUTS_DROPPED = ("labels", "num_items_in_batch", "shift_labels")
 
@@ -190,7 +190,7 @@ def _measure(model: nn.Module, batches: list[dict], layers: Sequence[int]) -> di
     layer, and per layer the shares of tokens using 0..W experts."""
     blocks = model.moe_blocks
     width = max(int(model.config.max_experts_per_token), model.config.num_experts)
-    k_sum = tokens = None
+    k_sum = tokens = load_sum = None
     hist = torch.zeros(len(blocks), width + 1, dtype=torch.float64)
     for batch in batches:
         outputs = model(**_model_inputs(batch, model.device))
@@ -202,6 +202,8 @@ def _measure(model: nn.Module, batches: list[dict], layers: Sequence[int]) -> di
         for i, layer_counts in enumerate(counts):
             real = _real(layer_counts.reshape(-1), outputs.token_mask).cpu()
             hist[i] += torch.bincount(real.clamp(max=width), minlength=width + 1).double()
+        load = torch.stack([layer_load.cpu().double() for layer_load in outputs.expert_load])
+        load_sum = load if load_sum is None else load_sum + load
     index = [i for i, block in enumerate(blocks) if block.layer_idx in layers]
     selected = (k_sum[index], tokens[index])
     shares = (hist / hist.sum(-1, keepdim=True).clamp(min=1)).tolist()
@@ -212,6 +214,7 @@ def _measure(model: nn.Module, batches: list[dict], layers: Sequence[int]) -> di
         "avg_k_all_layers": avg_k(k_sum, tokens),
         "avg_k_per_layer": dict(zip([b.layer_idx for b in blocks], avg_k_per_layer(k_sum, tokens), strict=True)),
         "shares_per_layer": {block.layer_idx: shares[i] for i, block in enumerate(blocks)},
+        "load_cv_per_layer": load_cv(load_sum / len(batches)).tolist(),
         "tokens": int(tokens[0].sum().item()),
     }
 
@@ -431,15 +434,14 @@ def calibrate(
     record = _json_ready(record)
     config = model.config
     config.training_stages = [*(getattr(config, "training_stages", None) or []), record]
-    if hasattr(config, "routing_statistics"):
-        config.routing_statistics = {
-            "avg_k": achieved["avg_k_all_layers"],
-            "avg_k_text": achieved["avg_k_text"],
-            "avg_k_vision": achieved["avg_k_vision"],
-            "avg_k_per_layer": list(achieved["avg_k_per_layer"].values()),
-            "thresholds": setting.get("thresholds", {}),
-        }
-        config.routing_statistics = _json_ready(config.routing_statistics)
+    config.routing_statistics = statistics_record(
+        achieved["avg_k_all_layers"],
+        achieved["avg_k_text"],
+        achieved["avg_k_vision"],
+        list(achieved["avg_k_per_layer"].values()),
+        achieved["load_cv_per_layer"],
+        setting.get("thresholds", {}),
+    )
     return record
 
 
@@ -450,69 +452,6 @@ def _json_ready(value):
     if isinstance(value, (list, tuple)):
         return [_json_ready(v) for v in value]
     return value
-
-
-def _text_samples(path: Path) -> list[str]:
-    """A text file (one sample per non-empty line) or JSON lines / a JSON list of {"text": ...} records."""
-    if path.suffix in (".jsonl", ".json"):
-        raw = path.read_text(encoding="utf-8")
-        records = json.loads(raw) if path.suffix == ".json" else [json.loads(x) for x in raw.splitlines() if x.strip()]
-        if not all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in records):
-            raise InputError(f"{path}: every record must be an object with a 'text' string")
-        return [r["text"] for r in records]
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _load_side(auto, model_dir, what: str):
-    try:
-        return auto.from_pretrained(model_dir)
-    except (OSError, ValueError) as error:
-        raise InputError(f"{model_dir}: no {what} to render the calibration data with ({error})") from error
-
-
-def calibration_batches(
-    model_dir: str | Path,
-    model: nn.Module,
-    data: str | Path,
-    images: str | Path | None = None,
-    batch_size: int = 8,
-    max_samples: int | None = None,
-    max_length: int = 512,
-) -> tuple[list[dict], str]:
-    """The batches `hf-dare calibrate` feeds `calibrate`, and their description. MoE-LLaVA: LLaVA-format JSON /
-    JSONL (`load_llava_dataset`, images relative to `images`) rendered by `LlavaDataCollator` with the processor
-    saved in `model_dir` (whole conversations: prompts, images and answers). Causal LM: a text file (one sample
-    per line) or JSON lines with a `text` field, tokenised with the tokenizer in `model_dir` (at most
-    `max_length` tokens per sample)."""
-    path = Path(data)
-    if not path.is_file():
-        raise InputError(f"calibration data {path}: no such file")
-    if isinstance(model.config, MoELlavaConfig):
-        from transformers import AutoProcessor
-
-        from .training.data import LlavaDataCollator, load_llava_dataset
-
-        dataset = load_llava_dataset(path, images)
-        if max_samples is not None:
-            dataset = dataset.select(range(min(max_samples, len(dataset))))
-        collate = LlavaDataCollator(_load_side(AutoProcessor, model_dir, "processor"))
-        samples = dataset.to_list()
-        batches = [collate(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
-    else:
-        from transformers import AutoTokenizer
-
-        tokenizer = _load_side(AutoTokenizer, model_dir, "tokenizer")
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        samples = _text_samples(path)[:max_samples]
-        batches = []
-        for start in range(0, len(samples), batch_size):
-            chunk = samples[start : start + batch_size]
-            encoded = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-            batches.append({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
-    if not batches:
-        raise InputError(f"calibration data {path}: no sample")
-    return batches, f"{path.name} ({len(samples)} samples)"
 
 
 def calibrate_checkpoint(

@@ -268,7 +268,7 @@ def add_report_command(subparsers) -> None:
 def _run_report(args) -> str:
     from pathlib import Path
 
-    from .report import report
+    from .evaluation.report import report
 
     out = args.out or str(Path(args.model_dir) / "report")
     report(args.model_dir, args.data, args.images, out, args.batch_size, args.max_new_tokens)

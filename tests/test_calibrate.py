@@ -181,6 +181,9 @@ def test_cli_checkpoint_reloads_without_hf_dare_and_routes_the_same(trained, tmp
     }
     config = json.loads((out / "config.json").read_text())
     assert config["training_stages"][-1]["name"] == "calibrate"
+    # The one routing record (hf_dare.modeling.statistics.statistics_record), load balance included, on the card.
+    assert len(config["routing_statistics"]["load_cv"]) == len(config["moe_layers"])
+    assert "| load_cv |" in (out / "README.md").read_text()
     assert config["training_stages"][-1]["achieved_avg_k"] == pytest.approx(1.3, abs=0.02)
     # The CLI's batches are the ones above (the text file holds the same tokens).
     cli_batches, _ = calibration_batches(out, model, folder / "calibration.txt")

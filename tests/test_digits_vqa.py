@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoProcessor
 
 from hf_dare.evaluation import VQA_ACCURACY, VqaEvaluation
-from hf_dare.report import accuracy_by_difficulty, write_report
+from hf_dare.evaluation.report import accuracy_by_difficulty, write_report
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

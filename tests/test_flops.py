@@ -1,10 +1,10 @@
-"""Activated parameters and FLOPs per token (hf_dare.flops) against numbers counted by hand on tiny models."""
+"""Activated parameters and FLOPs per token (hf_dare.evaluation.flops) against numbers counted by hand on tiny models."""
 
 import pytest
 import torch
 
 from hf_dare import MoEForCausalLM, MoELlavaForConditionalGeneration
-from hf_dare.flops import activated_parameters, activated_parameters_at, flops_per_token, flops_per_token_at
+from hf_dare.evaluation.flops import activated_parameters, activated_parameters_at, flops_per_token, flops_per_token_at
 from tests import tiny_models
 
 HIDDEN, INTERMEDIATE, VOCAB, LAYERS, HEADS, KV_HEADS = 32, 64, 96, 4, 4, 2

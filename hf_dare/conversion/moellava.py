@@ -31,7 +31,6 @@ from transformers import (
 )
 
 from ..modeling import MoELlavaConfig
-from .build import add_image_token, has_cls_token, image_tokens_per_image, llava_processor, vision_config_of
 from .checkpoint import (
     CheckpointReader,
     ConversionError,
@@ -41,8 +40,15 @@ from .checkpoint import (
     resolve_source,
 )
 from .plan import PlannedTensor, check_plan, copy_of, in_reading_order, padded_rows, rows_of, stacked, stacked_gate_up
+from .sources import (
+    add_image_token,
+    has_cls_token,
+    image_tokens_per_image,
+    llava_processor,
+    load_source_config,
+    vision_config_of,
+)
 from .targets import expected_tensors, meta_model, save_config_and_code
-from .upcycle import load_source_config
 from .writer import check_output_folder, command_line, staged_output, write_model_card, write_plan
 
 # original model_type -> (transformers decoder model_type, decoder key prefix)

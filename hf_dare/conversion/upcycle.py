@@ -11,16 +11,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, PreTrainedConfig
+from transformers import PreTrainedConfig
 
 from ..modeling import MoECausalLMConfig, MoEConfigBase, MoELlavaConfig
 from ..modeling.routing import ROUTERS, router_settings
 from .checkpoint import CheckpointReader, ConversionError, copy_side_files, rename_by_rules, resolve_source
 from .plan import PlannedTensor, check_plan, copy_of, in_reading_order, stacked, stacked_gate_up
+from .sources import (
+    FFN_NAMES,
+    check_gated_ffn_decoder,
+    load_source_config,
+)
 from .targets import TEXT_PREFIX, expected_tensors, meta_model, router_plan, save_config_and_code
 from .writer import check_output_folder, command_line, staged_output, write_model_card, write_plan
 
-FFN_NAMES = ("gate_proj", "up_proj", "down_proj")
 # Buffers some older checkpoints carry and no model loads.
 DROPPED_KEYS = [(r"\.rotary_emb\.inv_freq$", None), (r"\.embeddings\.position_ids$", None)]
 # transformers' legacy LLaVA layout (what `LlavaForConditionalGeneration.save_pretrained` still writes) ->
@@ -34,24 +38,6 @@ LLAVA_RENAMES = DROPPED_KEYS + [
 ]
 # A dense causal LM's decoder (`model.*`) -> the MoE causal LM's, in its base model's `language_model`.
 CAUSAL_LM_RENAMES = DROPPED_KEYS + [(r"^model\.", TEXT_PREFIX)]
-
-
-def check_gated_ffn_decoder(text_config: PreTrainedConfig) -> None:
-    """Raise `ConversionError` unless the decoder's layers have `mlp.gate_proj / up_proj / down_proj`."""
-    name = f"{text_config.model_type} ({', '.join(getattr(text_config, 'architectures', None) or []) or 'no architectures'})"
-    try:
-        with torch.device("meta"):
-            backbone = AutoModel.from_config(text_config)
-    except Exception as error:  # noqa: BLE001 - any failure means we cannot build it
-        raise ConversionError(f"unsupported architecture {name}: transformers cannot build it ({error}).") from error
-    layers = getattr(backbone, "layers", None)
-    if layers is None or not all(
-        all(hasattr(layer.mlp, n) for n in FFN_NAMES) for layer in layers if hasattr(layer, "mlp")
-    ):
-        raise ConversionError(
-            f"unsupported architecture {name}: upcycling needs a decoder whose layers have "
-            "mlp.gate_proj / up_proj / down_proj (Qwen2, Qwen3, StableLM, Llama, Mistral...)."
-        )
 
 
 def moe_config_for(source_config: PreTrainedConfig, **moe_settings) -> MoEConfigBase:
@@ -105,13 +91,6 @@ def upcycle_plan(reader: CheckpointReader, config: MoEConfigBase, seed: int = 0)
         plan.append(stacked(reader, ffn + "experts.down_proj", [down] * experts))
         plan += router_plan(config, layer_idx, reader.dtype(gate), seed, anchor=down)
     return plan
-
-
-def load_source_config(folder: Path) -> PreTrainedConfig:
-    try:
-        return AutoConfig.from_pretrained(folder)
-    except (ValueError, KeyError, OSError) as error:
-        raise ConversionError(f"unsupported architecture in {folder}: {error}".split("\n")[0]) from error
 
 
 def layer_routers(

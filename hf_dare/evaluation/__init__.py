@@ -9,10 +9,9 @@ import evaluate
 import torch
 from datasets import Dataset
 
+from hf_dare.data import LlavaDataCollator, conversation_to_messages, load_image
 from hf_dare.errors import InputError
-from hf_dare.images import load_image
 from hf_dare.modeling.modeling_moe import next_token_labels, token_nll
-from hf_dare.training.data import LlavaDataCollator, conversation_to_messages
 from hf_dare.training.metrics import RoutingMetrics
 
 from .vqa_accuracy import normalize_answer

@@ -38,9 +38,8 @@ from lmms_eval.protocol import ChatMessages
 from loguru import logger
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from hf_dare.data import conversation_to_messages, load_image, load_llava_dataset
 from hf_dare.evaluation import generate_from_inputs, messages_batch
-from hf_dare.images import load_image
-from hf_dare.training.data import conversation_to_messages, load_llava_dataset
 
 MODEL_NAME = "hf_dare"
 TASK_TEMPLATE = Path(__file__).with_name("lmms_eval_tasks") / "digits_vqa"

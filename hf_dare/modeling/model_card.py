@@ -162,7 +162,7 @@ def _routing_statistics(config) -> list[str]:
         return []
     lines = ["", "## Routing statistics", "", "| statistic | value |", "| --- | --- |"]
     lines += [f"| {key} | {_fmt(stats[key])} |" for key in STATISTICS if stats.get(key) is not None]
-    if "dare" in router_layers(config) and stats.get("thresholds"):
+    if stats.get("thresholds"):
         lines.append(f"| thresholds | {_fmt(stats['thresholds'])} |")
     return lines
 

@@ -1,5 +1,9 @@
 """Routing statistics, the one place they are computed: the expert load (the f_i of the balancing loss),
-Avg K per MoE layer and per modality, and the summary of one forward (`routing_statistics`).
+Avg K per MoE layer and per modality, the summary of one forward (`routing_statistics`), and the record a model
+keeps of its routing for its card (`statistics_record`, `config.routing_statistics`).
+
+"Routing statistics" names those three alike: a forward's outputs (`expert_counts`, `expert_load`: what
+`output_routing_statistics` turns on), their summary, and the record in the config.
 
 The Avg K helpers work on sums (`avg_k_sums`) so that running totals over many forwards (training metrics,
 an evaluation set) give the same numbers as one forward does.
@@ -104,3 +108,25 @@ def routing_statistics(
         stats["expert_load"] = load.tolist()
         stats["load_cv"] = load_cv(load).tolist()
     return stats
+
+
+def statistics_record(
+    avg_k: float | None,
+    avg_k_text: float | None,
+    avg_k_vision: float | None,
+    avg_k_per_layer: list,
+    load_cv: list | None = None,
+    thresholds: dict | None = None,
+) -> dict:
+    """The routing record a model keeps in `config.routing_statistics` (what training logged last, or what
+    calibration measured), shown in its model card: Avg K overall, per modality and per MoE layer, the expert-load
+    coefficient of variation per layer, DARE's thresholds per layer. JSON-ready: as a saved config gives it back."""
+    record = {
+        "avg_k": avg_k,
+        "avg_k_text": avg_k_text,
+        "avg_k_vision": avg_k_vision,
+        "avg_k_per_layer": list(avg_k_per_layer),
+        "load_cv": None if load_cv is None else list(load_cv),
+        "thresholds": {str(layer): list(values) for layer, values in (thresholds or {}).items()},
+    }
+    return record

@@ -3,6 +3,8 @@ routing metrics in the logs (`RoutingCallback`), a separate learning rate for th
 loss reweighting over answer tokens (`AnswerReweightingCallback`: DQRoute, CCAR), LLaVA-format data and the three
 stages."""
 
+from hf_dare.data import LlavaDataCollator, conversation_to_messages, load_llava_dataset
+
 from .callbacks import (
     AnswerReweightingCallback,
     DareCallback,
@@ -11,7 +13,6 @@ from .callbacks import (
     set_threshold_update_mode,
     unwrap_model,
 )
-from .data import LlavaDataCollator, conversation_to_messages, load_llava_dataset
 from .metrics import RoutingMetrics, threshold_metrics
 from .optim import create_optimizer, difficulty_predictor_param_groups, predictor_optimizer_cls_and_kwargs
 from .provenance import record_training_stage

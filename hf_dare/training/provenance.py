@@ -3,6 +3,8 @@ the stage (steps, what was trained, final losses) and the last routing statistic
 
 from transformers import Trainer
 
+from hf_dare.modeling.statistics import statistics_record
+
 from .callbacks import unwrap_model
 from .metrics import values_by_layer
 from .stages import TrainingStage, get_stage
@@ -45,12 +47,13 @@ def record_training_stage(trainer: Trainer, stage: str | TrainingStage) -> dict:
     config = model.config
     config.training_stages = [*(getattr(config, "training_stages", None) or []), record]
     routing = _last_logged(history, "routing/")
-    if routing and hasattr(config, "routing_statistics"):
-        config.routing_statistics = {
-            "avg_k": routing.get("avg_k"),
-            "avg_k_text": routing.get("avg_k_text"),
-            "avg_k_vision": routing.get("avg_k_vision"),
-            "avg_k_per_layer": list(values_by_layer(routing, "avg_k_layer_").values()),
-            "thresholds": _thresholds_by_layer(routing),
-        }
+    if routing:
+        config.routing_statistics = statistics_record(
+            routing.get("avg_k"),
+            routing.get("avg_k_text"),
+            routing.get("avg_k_vision"),
+            list(values_by_layer(routing, "avg_k_layer_").values()),
+            list(values_by_layer(routing, "load_cv_layer_").values()) or None,
+            _thresholds_by_layer(routing),
+        )
     return record

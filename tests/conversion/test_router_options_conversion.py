@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 from hf_dare.cli import main
 from hf_dare.conversion import ConversionError, import_moellava, upcycle
-from hf_dare.flops import activated_parameters
+from hf_dare.evaluation.flops import activated_parameters
 from tests import tiny_models
 
 from .test_import_moellava import original_checkpoint

@@ -203,7 +203,8 @@ def test_decoding_with_each_kernel_gives_eager_tokens_and_scores_for_every_route
     model = MoEForCausalLM(tiny_models.moe_config(router=router, **overrides)).eval()
     tiny_models.randomise(model)
     for block in model.moe_blocks:  # sharper routers (the weight only): routing that varies by token
-        torch.nn.init.normal_(block.gate.weight, std=1.0)
+        sharpened = block.gate.hyper_out_weight if router == "hyperrouter" else block.gate.weight
+        torch.nn.init.normal_(sharpened, std=1.0)
     prompt = tiny_models.random_batch(model.config, batch_size=2, seq_len=5)["input_ids"]
     if router == "dare":  # thresholds at the quartiles of the prompt's difficulties: 1-4 experts
         with torch.no_grad():
@@ -222,7 +223,7 @@ def test_decoding_with_each_kernel_gives_eager_tokens_and_scores_for_every_route
         return out.sequences, torch.stack(out.scores), torch.cat([c.flatten() for step in counts for c in step])
 
     tokens, scores, used = decode("eager")
-    if router not in ("top_k", "ltdr"):  # (LTDR varies on vision tokens only: this model has none)
+    if router not in ("top_k", "ltdr", "hyperrouter"):  # fixed k (LTDR varies on vision tokens only: none here)
         assert used.min() < used.max()  # a variable number of experts per token: sentinels in play
     for implementation in IMPLEMENTATIONS[1:]:
         other_tokens, other_scores, _ = decode(implementation)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from hf_dare import MoEBlock, MoEForCausalLM
-from hf_dare.flops import activated_parameters
+from hf_dare.evaluation.flops import activated_parameters
 from hf_dare.modeling.routers import DareRouter, TopKRouter
 from hf_dare.modeling.routing import load_balancing_loss, within_capacity
 from hf_dare.training import MoETrainer

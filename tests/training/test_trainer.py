@@ -298,3 +298,19 @@ def test_resume_from_checkpoint_restores_thresholds(tmp_path):
         probe = digits_tensors(4, start=100)
         for a, b in zip(full(**probe).expert_counts, resumed(**probe).expert_counts, strict=True):
             assert torch.equal(a, b)
+
+
+def test_training_record_is_the_one_routing_record_with_load_balance(tmp_path):
+    """`record_training_stage` keeps what training logged last in `config.routing_statistics`, built by the one
+    record builder (`statistics_record`) that calibration uses too: Avg K, per layer, load CV, thresholds."""
+    from hf_dare.training import record_training_stage
+
+    model = dare_model()
+    args = training_args(tmp_path, max_steps=2, per_device_train_batch_size=4)
+    trainer = MoETrainer(model=model, args=args, train_dataset=as_dataset(digits_tensors(8)))
+    trainer.train()
+    record_training_stage(trainer, "stage3")
+    stats = model.config.routing_statistics
+    layers = model.config.moe_layers
+    assert len(stats["avg_k_per_layer"]) == len(stats["load_cv"]) == len(layers)
+    assert set(stats["thresholds"]) == {str(i) for i in layers} and 1.0 <= stats["avg_k"] <= 4.0

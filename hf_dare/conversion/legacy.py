@@ -12,7 +12,7 @@ from transformers.conversion_mapping import register_checkpoint_conversion_mappi
 from transformers.core_model_loading import WeightRenaming
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .modeling import MoECausalLMConfig, MoEForCausalLM, MoELlavaConfig, MoELlavaForConditionalGeneration
+from ..modeling import MoECausalLMConfig, MoEForCausalLM, MoELlavaConfig, MoELlavaForConditionalGeneration
 
 LEGACY_MODEL_TYPES = {"moe_causal_lm": MoECausalLMConfig, "moe_llava": MoELlavaConfig}
 LEGACY_KEY_RENAMES = {r"\.mlp\.router\.": ".mlp.gate."}

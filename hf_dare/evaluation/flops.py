@@ -14,7 +14,7 @@ positions for a sequence of L real tokens), plus 2 * `lm_head_params` with `incl
 import torch
 from torch import nn
 
-from .modeling import MoEOutputWithPast, avg_k_per_layer, avg_k_sums
+from hf_dare.modeling import MoEOutputWithPast, avg_k_per_layer, avg_k_sums
 
 MODALITIES = ("all", "text", "vision")
 

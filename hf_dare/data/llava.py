@@ -13,7 +13,8 @@ import torch
 from datasets import Dataset, Features, List, Value
 
 from hf_dare.errors import InputError
-from hf_dare.images import load_image
+
+from .images import load_image
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}

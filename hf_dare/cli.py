@@ -131,6 +131,14 @@ def add_upcycle_command(subparsers) -> None:
     parser.add_argument("--top-k", type=int, default=2, help="experts per token for top_k / ltdr (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the new routers")
     parser.add_argument(
+        "--drop-upcycling",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="Drop-Upcycling: each expert redraws a random fraction R of its intermediate channels from the dense "
+        "weights' statistics (default 0: exact copies, the dense model's function)",
+    )
+    parser.add_argument(
         "--measure-gap",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -170,6 +178,7 @@ def _run_upcycle(args) -> str:
         other_router=args.other_router,
         difficulty_proxy=args.difficulty_proxy,
         measure_gap=args.measure_gap,
+        drop_upcycling=args.drop_upcycling,
         **dict(args.settings),
     )
 

@@ -75,6 +75,33 @@ def stacked(reader: CheckpointReader, name: str, sources: Sequence[str]) -> Plan
     )
 
 
+def with_redrawn_channels(
+    planned: PlannedTensor, channels: Sequence[torch.Tensor], axis: int, parts: int, seed: int
+) -> PlannedTensor:
+    """Drop-Upcycling (Nakamura et al., ICLR 2025) on stacked experts `planned` (E, ...), each a copy of the dense
+    FFN's matrix: in expert e, the intermediate channels `channels[e]` (along `axis` of the expert's matrix: rows of
+    `gate_up_proj`, columns of `down_proj`) drawn anew from a normal with the mean and standard deviation of the
+    dense matrix. `parts` matrices stacked along `axis` (gate and up: 2) each keep their own statistics, and each
+    redraws the same channels. Seeded by `seed` and the expert: byte-identical on every run."""
+
+    def make(tensors: list[torch.Tensor]) -> torch.Tensor:
+        out = planned.make(tensors)
+        size = out.shape[axis + 1] // parts
+        for e, chosen in enumerate(channels):
+            generator = torch.Generator().manual_seed(seeded(seed, f"{planned.name}.{e}"))
+            for part in range(parts):
+                dense = out[e].narrow(axis, part * size, size)  # a view of expert e's copy of the dense matrix
+                mean, std = dense.float().mean().item(), dense.float().std().item()
+                index = chosen + part * size
+                shape = list(out[e].shape)
+                shape[axis] = len(chosen)
+                drawn = torch.empty(shape).normal_(mean, std, generator=generator).to(out.dtype)
+                out[e].index_copy_(axis, index, drawn)
+        return out
+
+    return PlannedTensor(planned.name, planned.shape, planned.dtype, planned.sources, make, planned.anchor)
+
+
 def rows_of(reader: CheckpointReader, source: str, name: str, start: int, stop: int) -> PlannedTensor:
     """Rows `start:stop` of the input tensor (e.g. q / k / v out of a fused qkv projection)."""
     shape = reader.shape(source)

@@ -16,7 +16,16 @@ from transformers import PreTrainedConfig
 from ..modeling import MoECausalLMConfig, MoEConfigBase, MoELlavaConfig
 from ..modeling.routing import ROUTERS, router_settings
 from .checkpoint import CheckpointReader, ConversionError, copy_side_files, rename_by_rules, resolve_source
-from .plan import PlannedTensor, check_plan, copy_of, in_reading_order, stacked, stacked_gate_up
+from .plan import (
+    PlannedTensor,
+    check_plan,
+    copy_of,
+    in_reading_order,
+    seeded,
+    stacked,
+    stacked_gate_up,
+    with_redrawn_channels,
+)
 from .sources import (
     FFN_NAMES,
     check_gated_ffn_decoder,
@@ -68,9 +77,24 @@ def moe_config_for(source_config: PreTrainedConfig, **moe_settings) -> MoEConfig
     return config
 
 
-def upcycle_plan(reader: CheckpointReader, config: MoEConfigBase, seed: int = 0) -> list[PlannedTensor]:
+def drop_upcycling_channels(intermediate: int, num_experts: int, ratio: float, seed: int, layer_idx: int) -> list:
+    """The intermediate channels each expert of MoE layer `layer_idx` redraws under Drop-Upcycling: a random
+    subset of round(ratio * intermediate) channels per expert (its own subset), seeded by (`seed`, layer, expert)."""
+    count = round(ratio * intermediate)
+    chosen = []
+    for e in range(num_experts):
+        generator = torch.Generator().manual_seed(seeded(seed, f"drop-upcycling.layer{layer_idx}.expert{e}"))
+        chosen.append(torch.randperm(intermediate, generator=generator)[:count].sort().values)
+    return chosen
+
+
+def upcycle_plan(
+    reader: CheckpointReader, config: MoEConfigBase, seed: int = 0, drop_upcycling: float = 0.0
+) -> list[PlannedTensor]:
     """Every input tensor copied, except the FFNs of `config.moe_layers`, which become E stacked experts and a
-    new router. Raises `ConversionError` naming a missing FFN tensor or one that fits nowhere."""
+    new router. With `drop_upcycling` r > 0, each expert redraws a random fraction r of its intermediate channels
+    (Drop-Upcycling, `with_redrawn_channels`). Raises `ConversionError` naming a missing FFN tensor or one that
+    fits nowhere."""
     moe_ffn = re.compile(rf"^{re.escape(TEXT_PREFIX)}layers\.(\d+)\.mlp\.({'|'.join(FFN_NAMES)})\.weight$")
     moe_layers = set(config.moe_layers)
     plan = []
@@ -87,8 +111,13 @@ def upcycle_plan(reader: CheckpointReader, config: MoEConfigBase, seed: int = 0)
                     f"missing tensor {source} in {reader.folder} (the dense FFN of MoE layer {layer_idx})."
                 )
         experts = config.num_experts
-        plan.append(stacked_gate_up(reader, ffn + "experts.gate_up_proj", [(gate, up)] * experts))
-        plan.append(stacked(reader, ffn + "experts.down_proj", [down] * experts))
+        gate_up_proj = stacked_gate_up(reader, ffn + "experts.gate_up_proj", [(gate, up)] * experts)
+        down_proj = stacked(reader, ffn + "experts.down_proj", [down] * experts)
+        if drop_upcycling > 0:
+            channels = drop_upcycling_channels(reader.shape(gate)[0], experts, drop_upcycling, seed, layer_idx)
+            gate_up_proj = with_redrawn_channels(gate_up_proj, channels, axis=0, parts=2, seed=seed)
+            down_proj = with_redrawn_channels(down_proj, channels, axis=1, parts=1, seed=seed)
+        plan += [gate_up_proj, down_proj]
         plan += router_plan(config, layer_idx, reader.dtype(gate), seed, anchor=down)
     return plan
 
@@ -144,11 +173,13 @@ def settable_fields() -> tuple[str, ...]:
     return tuple(name for name in fields if name not in _DECIDED + _RECORDED)
 
 
-def upcycle_command(src: str | Path, out: Path, config: MoEConfigBase, seed: int) -> str:
+def upcycle_command(src: str | Path, out: Path, config: MoEConfigBase, seed: int, drop_upcycling: float = 0.0) -> str:
     """The `hf-dare upcycle` command that gives `config` (recorded in its `training_stages`)."""
     experts, top_k = config.num_experts, config.num_experts_per_tok
     command = command_line("upcycle", src, out, "--experts", experts, *_router_arguments(config), "--top-k", top_k)
     command += f" --moe-layers {','.join(map(str, config.moe_layers))} --seed {seed}"
+    if drop_upcycling:
+        command += f" --drop-upcycling {drop_upcycling}"
     if config.uses_router("dare"):
         command += f" --target-distribution {','.join(map(str, config.target_distribution))}"
         if config.difficulty_proxy != "nll":
@@ -177,6 +208,7 @@ def upcycle(
     router_layers: Sequence[int | range] | None = None,
     other_router: str = "top_k",
     measure_gap: bool | None = None,
+    drop_upcycling: float = 0.0,
     **moe_settings,
 ) -> Path:
     """Upcycle the dense checkpoint `src` (folder or Hub id; a causal LM, or a transformers LLaVA) into an
@@ -187,7 +219,11 @@ def upcycle(
     indices and ranges, see `layer_routers`) only those MoE layers use `router`, the others `other_router`.
     Extra keyword arguments are further MoE config fields (e.g. `initial_thresholds`). `measure_gap`: compare the
     upcycled model's logits with the dense model's on a probe and state the gap in the model card (`dense_gap`;
-    default: for models up to `GAP_PROBE_MAX_PARAMETERS`). Returns `out`."""
+    default: for models up to `GAP_PROBE_MAX_PARAMETERS`). `drop_upcycling` (0 <= r < 1, default 0: the experts
+    are exact copies): each expert redraws a random fraction r of its intermediate channels from the dense
+    weights' statistics (Drop-Upcycling, Nakamura et al. 2025), so the experts start apart. Returns `out`."""
+    if not (isinstance(drop_upcycling, (int, float)) and 0.0 <= drop_upcycling < 1.0):
+        raise ConversionError(f"drop_upcycling: got {drop_upcycling!r}; allowed: 0 <= r < 1.")
     out = check_output_folder(out, overwrite)
     src_dir = resolve_source(src)
     source_config = load_source_config(src_dir)
@@ -208,7 +244,7 @@ def upcycle(
     config = moe_config_for(source_config, **settings)
     is_llava = isinstance(config, MoELlavaConfig)
     reader = CheckpointReader(src_dir, allow_pickle, rename_by_rules(LLAVA_RENAMES if is_llava else CAUSAL_LM_RENAMES))
-    plan = upcycle_plan(reader, config, seed)
+    plan = upcycle_plan(reader, config, seed, drop_upcycling)
     model = meta_model(config)
     expected, optional = expected_tensors(model)
     check_plan(plan, expected, type(model).__name__ + f" ({config.decoder_model_type})", optional)
@@ -216,7 +252,7 @@ def upcycle(
     previous_stages = getattr(source_config, "training_stages", None) or []
     config.training_stages = [
         *previous_stages,
-        {"name": "upcycle", "description": upcycle_command(src, out, config, seed)},
+        {"name": "upcycle", "description": upcycle_command(src, out, config, seed, drop_upcycling)},
     ]
     with staged_output(out, overwrite) as staging:
         write_plan(in_reading_order(plan, reader), reader, staging, max_shard_size)
@@ -227,6 +263,13 @@ def upcycle(
             f"{ROUTERS[name].upcycling_note(config)}."
             for name, layers in config.layers_by_router.items()
         ]
+        if drop_upcycling:
+            notes.insert(
+                0,
+                f"Drop-Upcycling: each expert redrew a random {drop_upcycling:g} of its intermediate channels from "
+                "the dense weights' statistics, so the experts are not copies and the model does not compute what "
+                "the dense one did.",
+            )
         if measure_gap is None:
             measure_gap = reader.num_elements() <= GAP_PROBE_MAX_PARAMETERS
         if measure_gap:

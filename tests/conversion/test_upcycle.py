@@ -14,7 +14,7 @@ from transformers import (
 
 from hf_dare import MoECausalLMConfig, MoELlavaConfig
 from hf_dare.cli import main
-from hf_dare.conversion import build_llava, upcycle
+from hf_dare.conversion import ConversionError, build_llava, upcycle
 from tests import tiny_models
 
 from .conftest import save_vision_tower
@@ -199,3 +199,43 @@ def test_conversion_outputs_load_without_missing_or_unexpected_keys(dense_dirs, 
     llava = upcycle(built_llava, tmp_path / "llava", num_experts=4, router="ltdr", max_shard_size="30KB")
     _, info = AutoModelForImageTextToText.from_pretrained(llava, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_drop_upcycling_redraws_exactly_a_fraction_of_each_experts_channels(dense_dirs, tmp_path):
+    """Drop-Upcycling: r = 0 gives exact copies (the dense logits); r = 0.5 redraws exactly half of each expert's
+    intermediate channels (the same channels in gate, up and down; each expert its own), from the dense weights'
+    statistics, seeded and byte-identical on a rerun."""
+    src = dense_dirs["qwen2"]
+    dense = AutoModelForCausalLM.from_pretrained(src).eval()
+    copies = AutoModelForCausalLM.from_pretrained(upcycle(src, tmp_path / "r0", router="top_k", drop_upcycling=0))
+    batch = tiny_models.random_batch(copies.config, seq_len=10)
+    with torch.no_grad():
+        torch.testing.assert_close(copies.eval()(**batch).logits, dense(**batch).logits, atol=1e-5, rtol=0)
+    out = upcycle(src, tmp_path / "r05", router="top_k", drop_upcycling=0.5, seed=7)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    inter = dense.config.intermediate_size
+    for layer_idx in model.config.moe_layers:
+        ffn = dense.model.layers[layer_idx].mlp
+        experts = model.get_decoder().layers[layer_idx].mlp.experts
+        subsets = []
+        for e in range(model.config.num_experts):
+            gate, up = experts.gate_up_proj[e, :inter], experts.gate_up_proj[e, inter:]
+            down = experts.down_proj[e]
+            redrawn = [
+                (gate != ffn.gate_proj.weight).any(-1),
+                (up != ffn.up_proj.weight).any(-1),
+                (down != ffn.down_proj.weight).any(0),
+            ]
+            assert all(torch.equal(changed, redrawn[0]) for changed in redrawn)  # the same channels in all three
+            assert int(redrawn[0].sum()) == round(0.5 * inter)
+            subsets.append(tuple(redrawn[0].nonzero().flatten().tolist()))
+            std = ffn.gate_proj.weight.float().std()
+            assert 0.7 * std < gate[redrawn[0]].float().std() < 1.3 * std  # drawn from the dense statistics
+        assert len(set(subsets)) == model.config.num_experts  # each expert its own channels
+    again = upcycle(src, tmp_path / "again", router="top_k", drop_upcycling=0.5, seed=7)
+    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    assert (
+        "--drop-upcycling 0.5" in json.loads((out / "config.json").read_text())["training_stages"][-1]["description"]
+    )
+    with pytest.raises(ConversionError, match="drop_upcycling"):
+        upcycle(src, tmp_path / "bad", drop_upcycling=1.0)

@@ -216,9 +216,9 @@ class OracleRouter(DareRouter, name="oracle"):
 
 
 def register_oracle_router() -> None:
-    """`router="oracle"` is registered by defining `OracleRouter` (the router protocol's `name=`); kept as the
-    benchmark's explicit hook so a caller that builds an oracle model imports this module first."""
-    assert "oracle" in ROUTERS
+    """Make `router="oracle"` buildable. Defining `OracleRouter` registers it (the router protocol's `name=`);
+    this registers it again where a caller (a test) removed it since (idempotent)."""
+    ROUTERS.setdefault("oracle", OracleRouter)
 
 
 @contextmanager

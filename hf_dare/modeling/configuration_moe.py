@@ -14,11 +14,13 @@ from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-# `routers` registers the routers, whose settings are this config's fields.
+# `routers` registers the routers, whose settings are this config's fields. `.statistics` is imported by
+# `routing`: older releases copy only the direct `from .x import` files (see `_compat`).
 from . import routers  # noqa: F401
 from ._compat import DATACLASS_CONFIGS, NATIVE_SUB_CONFIG_SPECS, SubConfigSpec
 from .routers import is_distribution  # noqa: F401  (where it was)
 from .routing import ROUTERS, router_settings
+from .statistics import expert_load  # noqa: F401
 
 AUX_LOSS_FRACTIONS = ("routed_slots", "top1")
 AUX_LOSS_REDUCTIONS = ("mean", "sum")

@@ -46,6 +46,7 @@ from .experts import (
     used_slots_forward,
 )
 from .model_card import GENERATED_MARKER, render_model_card
+from .routers import TopKRouter  # noqa: F401  (imported by `configuration_moe`; see `_compat`)
 from .routing import ROUTERS, RoutingContext, current_routing_context, routing_context
 from .statistics import expert_load
 

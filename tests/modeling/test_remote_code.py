@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -120,3 +121,23 @@ def test_llava_folder_with_processor_loads_and_generates_without_hf_dare(tmp_pat
         """,
         cwd=tmp_path,
     )
+
+
+def relative_imports(path: Path) -> set[str]:
+    """The sibling modules `path` imports, read as transformers < 5.19 reads them (`from .x import y` only)."""
+    text = path.read_text()
+    return set(re.findall(r"^\s*from\s+\.(\S+)\s+import", text, flags=re.MULTILINE))
+
+
+def test_auto_map_files_import_every_file_they_need_directly():
+    """transformers < 5.19 copies into its module cache only the auto_map file's direct imports, so a file that
+    only a sibling imports is missing there (`FileNotFoundError` when loading on 5.0-5.18)."""
+    package = Path(REPO_ROOT) / "hf_dare" / "modeling"
+    for top in ("configuration_moe", "modeling_moe"):
+        needed, todo = set(), [top]
+        while todo:
+            for name in relative_imports(package / f"{todo.pop()}.py") - needed:
+                needed.add(name)
+                todo.append(name)
+        missing = needed - relative_imports(package / f"{top}.py") - {top}
+        assert not missing, f"{top}.py must import {sorted(missing)} directly"

@@ -8,13 +8,17 @@ DARE actually realised while decoding.
     python benchmarks/generate.py --batch-sizes 1 4 16 64  # + tokens/s by batch size, against weights-read and FLOPs ideals
     python benchmarks/generate.py --breakdown            # + where one decode step's time goes, Top-2 and DARE
     python benchmarks/generate.py --bookkeeping          # + hf-dare's Top-2 vs a plain Top-2 loop of the same experts
+    python benchmarks/generate.py --routing pinned       # DARE's predictor output replaced by a fixed schedule
     python benchmarks/generate.py --quick                # tiny model, runs in well under a minute (smoke run)
 
 Timing. Each repetition runs both models' `generate` once, alternating the order (Top-2 first, then DARE first,
 ...), so a slow phase of a shared machine hits both alike; the reported ratio is the median over the repetitions
-of DARE tokens/s / Top-2 tokens/s within the same repetition, with its min-max and interquartile range. "Decode
-tokens/s" excludes the prompt: batch x (N - 1) new tokens over the time from the start of the first decoding
-forward (the one after the prompt's) to `generate`'s return, so it includes generate's own per-step work. The
+of DARE tokens/s / Top-2 tokens/s within the same repetition, with its min-max and interquartile range. The
+repetitions take `--prompts` different prompts (random tokens) in turn. "Decode tokens/s" excludes the prompt:
+batch x (N - 1) new tokens over the time from the start of the first decoding forward (the one after the
+prompt's) to `generate`'s return, so it includes generate's own per-step work. The prompt's forward is timed
+apart (prefill: from the `generate` call to the first decoding forward), against its own ideal, and so is the
+whole call (prefill + decode, what a user times), against the ideal of the two together. The
 same ratio on this process's CPU time is printed too: on a shared machine it is far steadier, being blind to
 the time other jobs hold the cores. Busy machines also inflate every op that opens an OpenMP parallel region
 (sdpa, sin / cos in the rotary embedding...): with 2 threads, each such op waits for its second thread to be
@@ -28,18 +32,28 @@ speedup = Top-2 bytes / DARE bytes. With a batch, each expert that any token of 
 once (the union per layer and step). FLOPs ideal: 2 x (non-expert weights + Avg K x expert weights per MoE layer)
 + attention over the cache, per token. Share of the ideal saving realised: (1 - 1/speedup) / (1 - 1/ideal).
 
-A random-weights model has no meaningful difficulty, and thresholds calibrated on its predictions drift (the
-decoded tokens change with the routing). So each DARE layer's predictor still runs (its cost counts), but its
-output is replaced by a fixed schedule: an evenly spread fraction `avg_k - 1` of the tokens is "hard"
-(2 experts), the rest "easy" (1 expert), which pins Avg K at `--avg-k`; the Avg K realised is printed.
+Prefill ideals: the weights read (non-expert weights + every expert any prompt token uses, per layer) and the
+FLOPs (every prompt token through Avg K experts, the LM head on the last position); at 16-32 prompt tokens both
+routers read nearly every expert, so the prefill's ideal is the larger of the two, in practice the FLOPs one.
+
+DARE's routing (`--routing`). `real` (the default): DARE's predictor decides, through thresholds set by
+`hf_dare.calibrate` (shares 2 - avg_k / avg_k - 1 / 0 / ... of tokens on 1 / 2 / 3... experts) on the model's
+own greedy-decoded tokens after the timed prompts (`calibrate_on_decoded`: a random-weights model's decoded
+tokens change with its routing, so it decodes and calibrates in rounds until the Avg K of what it decodes is
+within 0.03 of `--avg-k`; it prints each round, and the Avg K on prompts it did not calibrate on). The Avg K
+realised (decode and prompt) is printed and the ideals are taken at it. `pinned`: each DARE layer's predictor
+still runs (its cost counts), but its output is replaced by a fixed schedule: an evenly spread fraction
+`avg_k - 1` of the tokens is "hard" (2 experts), the rest "easy" (1 expert), which pins Avg K at `--avg-k` on
+every sequence.
 
 Breakdown (`--breakdown`): forward pre/post hooks timed with `time.perf_counter` on the attention and FFN of
 every decoder layer, the MoE experts, the router (the child of each MoE block that is not `experts`) and DARE's
 predictor, the decoder and its embedding / rotary / final norm, the LM head and the whole model; the rest is
 derived by difference (norms and residuals, the MoE block's own glue, the decoder's masks and Python, the routing
 statistics and losses the model's forward builds after the LM head, and generate's own per-step work = step
-time - model forward). Then the gap to the weights-read ideal, split into those parts, and micro-timings (taken
-between the runs) of the bare expert matmuls and of the router + predictor fused into one matmul.
+time - model forward); the same parts for the prompt's forward. Then the gap to the weights-read ideal, split
+into those parts, and micro-timings (taken between the runs) of the bare expert matmuls and of the router +
+predictor fused into one matmul.
 """
 
 import argparse
@@ -54,7 +68,8 @@ import torch.nn.functional as F
 from _common import DTYPES, keep_freed_memory, setup_threads, spread
 from transformers import Qwen2Config
 
-from hf_dare import MoECausalLMConfig, MoEForCausalLM
+from hf_dare import MoECausalLMConfig, MoEForCausalLM, calibrate
+from hf_dare.modeling._compat import CACHE_ARGUMENT
 from hf_dare.modeling.routing import top_n_routing
 
 
@@ -146,6 +161,118 @@ def schedule_dare(model: MoEForCausalLM, avg_k: float) -> None:
         taus.copy_(torch.tensor([0.5] + [2.0 + j for j in range(taus.numel() - 1)], dtype=taus.dtype))
 
 
+class PromptCache:
+    """While attached, every forward of `model` gets a fresh copy of `cache` (the prompt's KV cache): `calibrate`
+    then routes the tokens of its batch after the prompt, as the decoding steps did, each time it runs them."""
+
+    def __init__(self, model: MoEForCausalLM, cache):
+        self.cache = cache
+        self.handle = model.register_forward_pre_hook(self._hand_over, with_kwargs=True)
+
+    def _hand_over(self, module, args, kwargs):
+        return args, {**kwargs, CACHE_ARGUMENT: copy.deepcopy(self.cache)}
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def decoded_tokens_batch(model: MoEForCausalLM, input_ids: torch.Tensor, new_tokens: int) -> tuple[dict, torch.Tensor]:
+    """Greedy-decode `new_tokens` after `input_ids` (B, P); returns the batch of the tokens the decoding steps
+    routed (the first N - 1 generated ones, fed back one per step) with the prompt's KV cache under the model's
+    routing now, and the N generated tokens (B, N)."""
+    with torch.no_grad():
+        generated = generate(model, input_ids, new_tokens)[:, input_ids.shape[1] :]
+        cache = output_cache_of(model(input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True))
+    fed = generated[:, :-1]
+    attention_mask = torch.ones(fed.shape[0], input_ids.shape[1] + fed.shape[1], dtype=torch.long)
+    return {"input_ids": fed, "attention_mask": attention_mask, CACHE_ARGUMENT: cache}, generated
+
+
+def output_cache_of(outputs):
+    return getattr(outputs, CACHE_ARGUMENT)
+
+
+def shares_of(model: MoEForCausalLM, batch: dict) -> torch.Tensor:
+    """Shares of the batch's (token, MoE layer) pairs using 1, 2, ... experts under the model's routing now."""
+    with torch.no_grad():
+        out = model(**{**batch, CACHE_ARGUMENT: copy.deepcopy(batch[CACHE_ARGUMENT])})
+    counts = torch.cat([c.reshape(-1) for c in out.expert_counts])
+    return torch.bincount(counts, minlength=model.config.max_experts + 1)[1:].double() / counts.numel()
+
+
+def avg_k_of(shares: torch.Tensor) -> float:
+    return float((shares * torch.arange(1, shares.numel() + 1)).sum())
+
+
+def calibrate_on_decoded(args, dare: MoEForCausalLM, prompts: torch.Tensor, tolerance: float = 0.03) -> dict:
+    """DARE's real path: thresholds set by `hf_dare.calibrate` on the model's own greedy-decoded tokens, at the
+    shares (2 - avg_k, avg_k - 1, 0, ...) of tokens using 1, 2, ... experts.
+
+    The calibration data are the tokens decoded after `prompts` (N, P) (the prompts the timed runs take in
+    turn), each routed after its prompt's KV cache as the decoding steps route it; the prompts themselves are
+    not calibration data. The greedy tokens of a random-weights model change with its routing, so thresholds
+    fitted to one decode meet other tokens in the next: each round decodes with the thresholds so far and
+    measures the Avg K of what it decoded; within `tolerance` of the target it stops (the timed runs decode
+    those tokens), else it calibrates on the tokens of every decode so far (so the thresholds settle instead of
+    chasing the last decode), for at most `--calibration-rounds` decodes. Then the same is
+    measured on the tokens decoded after `--held-out-prompts` other prompts (how far the thresholds carry)."""
+    m = dare.config.max_experts
+    if not 1.0 <= args.avg_k <= 2.0 or m < 2:
+        raise ValueError(f"--avg-k must be in [1, 2] and DARE's max_experts >= 2, got {args.avg_k} and {m}")
+    shares = [2.0 - args.avg_k, args.avg_k - 1.0] + [0.0] * (m - 2)
+    print(
+        f"\n## DARE's thresholds: calibrated on its own greedy-decoded tokens (hf_dare.calibrate, target shares "
+        f"{' / '.join(f'{p:g}' for p in shares)} of tokens on 1..{m} experts; {prompts.shape[0]} prompts of "
+        f"{prompts.shape[1]} tokens, {args.new_tokens - 1} decoded tokens each routed after its prompt)"
+    )
+    header = f"shares of {' / '.join(str(k) for k in range(1, m + 1))} experts"
+    width = max(len(header), 8 * m - 3)
+    print(
+        f"| round | decoded tokens changed | Avg K of them | {header:<{width}} | calibrated on all decodes so far: Avg K | tau_1 by MoE layer |"
+    )
+    print(
+        f"|------:|-----------------------:|--------------:|{'-' * (width + 2)}|----------------------------------------:|--------------------|"
+    )
+    previous, rounds, pool = None, [], []
+    for rnd in range(1, args.calibration_rounds + 1):
+        batch, generated = decoded_tokens_batch(dare, prompts, args.new_tokens)
+        changed = generated.numel() if previous is None else int((generated != previous).sum())
+        found = shares_of(dare, batch)
+        row = f"| {rnd:>5} | {changed:>22} | {avg_k_of(found):>13.3f} | {' / '.join(f'{p:.3f}' for p in found.tolist()):<{width}} |"
+        rounds.append({"changed": changed, "avg_k": avg_k_of(found)})
+        if abs(avg_k_of(found) - args.avg_k) <= tolerance or rnd == args.calibration_rounds:
+            print(f"{row} {'(the tokens timed)':>39} | |")
+            break
+        cache = PromptCache(dare, batch.pop(CACHE_ARGUMENT))  # the prompts' cache under the routing now
+        pool.append(batch)
+        try:
+            record = calibrate(dare, pool, target_distribution=shares, data_description="decoded tokens")
+        finally:
+            cache.remove()
+        taus = " ".join(f"{taus[0]:.4f}" for taus in record["thresholds"].values())
+        print(f"{row} {record['achieved_avg_k']:>39.3f} | {taus} |")
+        previous = generated
+    converged = abs(rounds[-1]["avg_k"] - args.avg_k) <= tolerance
+    print(
+        f"{'' if converged else 'not '}within {tolerance} of the target after {len(rounds)} decodes"
+        + (
+            ""
+            if converged
+            else f" (--calibration-rounds {args.calibration_rounds}): the timed runs decode at Avg K {rounds[-1]['avg_k']:.3f}"
+        )
+    )
+    held_out = []
+    for seed in range(1000, 1000 + args.held_out_prompts):
+        other = torch.randint(1, args.vocab, prompts[:1].shape, generator=torch.Generator().manual_seed(seed))
+        held_out.append(shares_of(dare, decoded_tokens_batch(dare, other, args.new_tokens)[0]))
+    if held_out:
+        print(
+            f"tokens decoded after {len(held_out)} other prompts (not calibrated on), one each: Avg K "
+            + ", ".join(f"{avg_k_of(h):.3f} (shares {' / '.join(f'{p:.3f}' for p in h.tolist())})" for h in held_out)
+        )
+    return {"rounds": rounds, "held_out": [avg_k_of(h) for h in held_out]}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Hooks: decoding steps, experts used, and (for the breakdown) time per module
 
@@ -179,9 +306,12 @@ class DecodeProbe:
         self.decode_start = None
         self.decode_start_cpu = 0.0
         self.decode_seconds = self.decode_cpu_seconds = float("nan")
+        self.prefill_seconds = self.prefill_cpu_seconds = float("nan")
         self.decode_steps = 0
         self.seconds = defaultdict(float)
+        self.prefill_seconds_by = defaultdict(float)  # the same categories on the prompt's forward
         self.indices = []  # (forward number, MoE block position, (T, K) expert indices)
+        self.prefill_indices = []  # (MoE block position, (T, K) expert indices) of the prompt's forward
         self._forward_start = 0.0
 
     def remove(self) -> None:
@@ -202,8 +332,13 @@ class DecodeProbe:
             self.decode_start, self.decode_start_cpu = self._forward_start, time.process_time()
 
     def _model_post(self, module, args, output):
+        self._add("forward", time.perf_counter() - self._forward_start)
+
+    def _add(self, category: str, elapsed: float) -> None:
         if self.decoding:
-            self.seconds["forward"] += time.perf_counter() - self._forward_start
+            self.seconds[category] += elapsed
+        elif self.forwards == 1:
+            self.prefill_seconds_by[category] += elapsed
 
     def _watch_experts(self, experts: torch.nn.Module, position: int, timing: bool) -> None:
         started = [0.0]
@@ -211,16 +346,19 @@ class DecodeProbe:
         def pre(module, args, kwargs):
             values = {**dict(zip(("hidden_states", "top_k_index", "top_k_weights"), args, strict=False)), **kwargs}
             started[0] = time.perf_counter()
-            if self.decoding:
+            if self.decoding or self.forwards == 1:
                 # A slot is used when it names an expert with a nonzero weight: kernels that cannot skip the
                 # sentinel get it as a weight-0 slot of an expert the token uses.
                 index, weights = values["top_k_index"], values["top_k_weights"]
-                used = (index < self.num_experts) & (weights != 0)
-                self.indices.append((self.forwards, position, torch.where(used, index, self.num_experts)))
+                used = torch.where((index < self.num_experts) & (weights != 0), index, self.num_experts)
+                if self.decoding:
+                    self.indices.append((self.forwards, position, used))
+                else:  # the prompt's forward
+                    self.prefill_indices.append((position, used))
 
         def post(module, args, kwargs, output):
-            if timing and self.decoding:
-                self.seconds["experts"] += time.perf_counter() - started[0]
+            if timing:
+                self._add("experts", time.perf_counter() - started[0])
 
         self.handles.append(experts.register_forward_pre_hook(pre, with_kwargs=True))
         self.handles.append(experts.register_forward_hook(post, with_kwargs=True))
@@ -232,9 +370,7 @@ class DecodeProbe:
             starts.append(time.perf_counter())
 
         def post(*_):
-            elapsed = time.perf_counter() - starts.pop()
-            if self.decoding:
-                self.seconds[category] += elapsed
+            self._add(category, time.perf_counter() - starts.pop())
 
         self.handles.append(module.register_forward_pre_hook(pre))
         self.handles.append(module.register_forward_hook(post))
@@ -283,6 +419,15 @@ class DecodeProbe:
             counts[position].append((idx < self.num_experts).sum(-1).reshape(-1))
         return [torch.cat(counts[p]).float().mean().item() for p in sorted(counts)]
 
+    def prefill_avg_k(self) -> float:
+        """Avg K of the prompt's tokens (all MoE layers)."""
+        counts = [(idx < self.num_experts).sum(-1).reshape(-1) for _, idx in self.prefill_indices]
+        return torch.cat(counts).float().mean().item()
+
+    def prefill_experts_read(self) -> float:
+        """Experts the prompt's forward reads, summed over MoE layers (each expert any prompt token uses, once)."""
+        return float(sum(int(torch.unique(idx[idx < self.num_experts]).numel()) for _, idx in self.prefill_indices))
+
     def experts_read_per_step(self) -> float:
         """Mean over decoding steps of the experts read per step, summed over MoE layers: in each layer every
         expert that any token of the step uses, once."""
@@ -317,6 +462,7 @@ def weights_model(model: MoEForCausalLM) -> dict:
     return {
         "non_expert_bytes": non_expert_bytes,
         "non_expert_params": non_expert_params,
+        "lm_head_params": lm_head.numel(),
         "expert_bytes": sum(per_expert) * element_size,
         "expert_params": sum(per_expert),
         "moe_layers": len(blocks),
@@ -337,6 +483,16 @@ def bytes_per_step(sizes: dict, experts_read: float, batch: int, context: float)
 def flops_per_token(sizes: dict, avg_k: float, context: float) -> float:
     params = sizes["non_expert_params"] + avg_k * sizes["moe_layers"] * sizes["expert_params"]
     return 2 * params + sizes["attention_flops_per_context"] * context
+
+
+def prefill_flops(sizes: dict, avg_k: float, batch: int, prompt_len: int) -> float:
+    """FLOPs of the prompt's forward: every prompt token through the decoder (Avg K experts per MoE layer),
+    attention over its causal context, and the LM head on the last position only (generate keeps one logit row)."""
+    decoder = (
+        sizes["non_expert_params"] - sizes["lm_head_params"] + avg_k * sizes["moe_layers"] * sizes["expert_params"]
+    )
+    attention = sizes["attention_flops_per_context"] * (prompt_len + 1) / 2
+    return batch * (prompt_len * (2 * decoder + attention) + 2 * sizes["lm_head_params"])
 
 
 def share_of_ideal(speedup: float, ideal: float) -> float:
@@ -360,31 +516,45 @@ def generate(model: MoEForCausalLM, input_ids: torch.Tensor, new_tokens: int) ->
 
 
 def timed_generate(model, probe: DecodeProbe, input_ids: torch.Tensor, new_tokens: int) -> float:
-    """Decode tokens/s of one `generate` (the prompt's forward excluded; see the module docstring)."""
+    """Decode tokens/s of one `generate` (the prompt's forward excluded; see the module docstring). The probe
+    keeps the decode time and the prefill time (from the call to the first decoding forward) apart."""
     probe.reset()
+    start, start_cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():
         out = generate(model, input_ids, new_tokens)
     probe.decode_seconds = time.perf_counter() - probe.decode_start
     probe.decode_cpu_seconds = time.process_time() - probe.decode_start_cpu
+    probe.prefill_seconds = probe.decode_start - start
+    probe.prefill_cpu_seconds = probe.decode_start_cpu - start_cpu
     assert out.shape[1] == input_ids.shape[1] + new_tokens, out.shape
     assert probe.decode_steps == new_tokens - 1, (probe.decode_steps, new_tokens)
     return input_ids.shape[0] * (new_tokens - 1) / probe.decode_seconds
 
 
-def interleaved(models: dict, probes: dict, input_ids, new_tokens: int, repeats: int, on_run=None) -> dict:
-    """Tokens/s of each model per repetition, the two run back to back in alternating order; `on_run(name,
+def interleaved(models: dict, probes: dict, inputs, new_tokens: int, repeats: int, on_run=None) -> dict:
+    """Tokens/s of each model per repetition, the two run back to back in alternating order, repetition r on
+    the prompts `inputs[r % len(inputs)]` (`inputs`: one (B, P) tensor or a list of them); `on_run(name,
     probe)` after each timed run (to collect what the hooks recorded). Also, under `cpu/<name>`, tokens per
     second of this process's CPU time: blind to the time other jobs take the cores from it (not to their
-    sharing of memory bandwidth), but it counts the time the intra-op threads spin while waiting."""
+    sharing of memory bandwidth), but it counts the time the intra-op threads spin while waiting. Under
+    `prefill_s/<name>` the seconds from the `generate` call to the first decoding forward (the prompt's forward
+    and generate's setup), under `total_s/<name>` the whole call's."""
     names = list(models)
+    inputs = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
     for name in names:  # warm-up: allocations, one-time dispatch
-        timed_generate(models[name], probes[name], input_ids, min(new_tokens, 4))
-    tokens_per_s = {key: [] for name in names for key in (name, f"cpu/{name}")}
+        timed_generate(models[name], probes[name], inputs[0], min(new_tokens, 4))
+    keys = ("", "cpu/", "prefill_s/", "prefill_cpu_s/", "total_s/")
+    tokens_per_s = {f"{key}{name}": [] for name in names for key in keys}
     for rep in range(repeats):
+        input_ids = inputs[rep % len(inputs)]
         for name in names if rep % 2 == 0 else names[::-1]:
             tokens_per_s[name].append(timed_generate(models[name], probes[name], input_ids, new_tokens))
+            probe = probes[name]
             decoded = input_ids.shape[0] * (new_tokens - 1)
-            tokens_per_s[f"cpu/{name}"].append(decoded / probes[name].decode_cpu_seconds)
+            tokens_per_s[f"cpu/{name}"].append(decoded / probe.decode_cpu_seconds)
+            tokens_per_s[f"prefill_s/{name}"].append(probe.prefill_seconds)
+            tokens_per_s[f"prefill_cpu_s/{name}"].append(probe.prefill_cpu_seconds)
+            tokens_per_s[f"total_s/{name}"].append(probe.prefill_seconds + probe.decode_seconds)
             if on_run is not None:
                 on_run(name, probes[name])
     return tokens_per_s
@@ -397,11 +567,15 @@ class Collector:
         self.counts = defaultdict(list)
         self.per_layer = defaultdict(list)
         self.experts_read = defaultdict(list)
+        self.prefill_avg_k = defaultdict(list)
+        self.prefill_read = defaultdict(list)
 
     def __call__(self, name: str, probe: DecodeProbe) -> None:
         self.counts[name].append(probe.expert_counts())
         self.per_layer[name].append(probe.avg_k_per_layer())
         self.experts_read[name].append(probe.experts_read_per_step())
+        self.prefill_avg_k[name].append(probe.prefill_avg_k())
+        self.prefill_read[name].append(probe.prefill_experts_read())
 
     def avg_k(self, name: str) -> float:
         return torch.cat(self.counts[name]).float().mean().item()
@@ -418,14 +592,22 @@ def prompt(args, batch: int, prompt_len: int) -> torch.Tensor:
     return torch.randint(1, args.vocab, (batch, prompt_len), generator=generator)
 
 
+def prompts(args, batch: int, count: int) -> list[torch.Tensor]:
+    """`count` different prompts (B, P) of random tokens, `prompt`'s first: the timed repetitions take them in
+    turn, so a router whose cost depends on the tokens (DARE's real path) is timed on several sequences."""
+    generator = torch.Generator().manual_seed(10_000 + batch)
+    others = [torch.randint(1, args.vocab, (batch, args.prompt_len), generator=generator) for _ in range(count - 1)]
+    return [prompt(args, batch, args.prompt_len), *others]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 1. the headline: DARE / Top-2 at one batch size
 
 
 def headline(args, models, probes, sizes) -> dict:
-    input_ids = prompt(args, args.batch_size, args.prompt_len)
+    inputs = prompts(args, args.batch_size, args.prompts)
     collector = Collector()
-    tokens_per_s = interleaved(models, probes, input_ids, args.new_tokens, args.repeats, collector)
+    tokens_per_s = interleaved(models, probes, inputs, args.new_tokens, args.repeats, collector)
     ratios = [d / t for d, t in zip(tokens_per_s["dare"], tokens_per_s["top2"], strict=True)]
     ratio = spread(ratios)
     cpu_ratio = spread([d / t for d, t in zip(tokens_per_s["cpu/dare"], tokens_per_s["cpu/top2"], strict=True)])
@@ -473,12 +655,59 @@ def headline(args, models, probes, sizes) -> dict:
         f"{read['top2'] / moe:.2f} / {read['dare'] / moe:.2f}, KV cache)"
     )
     print(f"share of the ideal saving realised: {share:.1%}  ((1 - 1/{ratio['median']:.3f}) / (1 - 1/{ideal:.3f}))")
+    prefill = prefill_report(args, tokens_per_s, collector, sizes, ideal)
     print(
         f"RESULT ratio={ratio['median']:.4f} ratio_min={ratio['min']:.4f} ratio_max={ratio['max']:.4f} "
         f"ratio_q1={ratio['q1']:.4f} ratio_q3={ratio['q3']:.4f} avg_k={avg_k['dare']:.4f} ideal={ideal:.4f} "
-        f"share={share:.4f} cpu_ratio={cpu_ratio['median']:.4f}"
+        f"share={share:.4f} cpu_ratio={cpu_ratio['median']:.4f} prefill_ratio={prefill['ratio']['median']:.4f} "
+        f"prefill_ideal={prefill['ideal']:.4f} prompt_avg_k={prefill['avg_k']:.4f} "
+        f"total_ratio={prefill['total']['median']:.4f} total_ideal={prefill['total_ideal']:.4f}"
     )
     return {"ratio": ratio, "avg_k": avg_k, "ideal": ideal, "tokens_per_s": tokens_per_s, "collector": collector}
+
+
+def prefill_report(args, times: dict, collector: "Collector", sizes: dict, decode_ideal: float) -> dict:
+    """The prompt's forward, apart: DARE / Top-2 speed (Top-2's seconds over DARE's, per pair), its ideals, and
+    the whole `generate` call (prefill + decode, what a user times) against the ideal of the two together."""
+    batch, prompt_len = args.batch_size, args.prompt_len
+    pairs = list(zip(times["prefill_s/top2"], times["prefill_s/dare"], strict=True))
+    ratio = spread([t / d for t, d in pairs])
+    cpu = spread([t / d for t, d in zip(times["prefill_cpu_s/top2"], times["prefill_cpu_s/dare"], strict=True)])
+    total = spread([t / d for t, d in zip(times["total_s/top2"], times["total_s/dare"], strict=True)])
+    prompt_k = {name: statistics.fmean(collector.prefill_avg_k[name]) for name in ("top2", "dare")}
+    read = {name: statistics.fmean(collector.prefill_read[name]) for name in ("top2", "dare")}
+    moe = sizes["top2"]["moe_layers"]
+    prefill_bytes = {name: bytes_per_step(sizes[name], read[name], 0, 0) for name in ("top2", "dare")}
+    weights_ideal = prefill_bytes["top2"] / prefill_bytes["dare"]
+    flops_ideal = prefill_flops(sizes["top2"], prompt_k["top2"], batch, prompt_len) / prefill_flops(
+        sizes["dare"], prompt_k["dare"], batch, prompt_len
+    )
+    ideal = max(weights_ideal, flops_ideal)
+    prefill_top2 = statistics.median(times["prefill_s/top2"])
+    decode_top2 = statistics.median(times["total_s/top2"]) - prefill_top2
+    total_ideal = (prefill_top2 + decode_top2) / (prefill_top2 / ideal + decode_top2 / decode_ideal)
+    print(
+        f"\n### the prompt's forward (prefill: {batch} x {prompt_len} tokens; from the `generate` call to the first "
+        "decoding forward), and the whole call"
+    )
+    print(
+        f"prefill ms, median: Top-2 {prefill_top2 * 1e3:.1f}, DARE {statistics.median(times['prefill_s/dare']) * 1e3:.1f}; "
+        f"DARE / Top-2 speed, median of {len(pairs)} pairs: {ratio['median']:.3f} (min {ratio['min']:.3f}, max "
+        f"{ratio['max']:.3f}; interquartile range {ratio['q1']:.3f} - {ratio['q3']:.3f}); on CPU time {cpu['median']:.3f}"
+    )
+    print(
+        f"Avg K on the prompt (DARE): {prompt_k['dare']:.3f}; experts read per MoE layer, Top-2 / DARE: "
+        f"{read['top2'] / moe:.2f} / {read['dare'] / moe:.2f}; ideal: weights read {weights_ideal:.3f}, FLOPs "
+        f"{flops_ideal:.3f} (the prefill's ideal: the larger, {ideal:.3f}); share of its saving realised: "
+        f"{share_of_ideal(ratio['median'], ideal):.1%}"
+    )
+    print(
+        f"whole call (prefill + {args.new_tokens - 1} decoding steps), DARE / Top-2 speed: {total['median']:.3f} (min "
+        f"{total['min']:.3f}, max {total['max']:.3f}; interquartile range {total['q1']:.3f} - {total['q3']:.3f}); "
+        f"prefill {prefill_top2 / (prefill_top2 + decode_top2):.1%} of Top-2's call; ideal of the two together "
+        f"{total_ideal:.3f}; share of its saving realised: {share_of_ideal(total['median'], total_ideal):.1%}"
+    )
+    return {"ratio": ratio, "ideal": ideal, "avg_k": prompt_k["dare"], "total": total, "total_ideal": total_ideal}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -578,6 +807,24 @@ ROWS = (
     ("bookkeeping", "routing statistics / losses in the output"),
     ("generate", "generate's own per-step work"),
 )
+
+
+def parts_table(med: dict, total: dict, unit: str = "step") -> tuple[float, float]:
+    """Print the rows of `ROWS` for Top-2 and DARE (ms, share of `total`); returns the sums of the rows."""
+    print(f"| {'part':<52} | {'Top-2 ms':>8} | {'share':>6} | {'DARE ms':>8} | {'share':>6} | {'DARE - Top-2':>12} |")
+    print(f"|{'-' * 54}|{'-' * 10}|{'-' * 8}|{'-' * 10}|{'-' * 8}|{'-' * 14}|")
+    for key, label in ROWS:
+        t, d = med["top2"][key], med["dare"][key]
+        print(
+            f"| {label:<52} | {t:8.2f} | {t / total['top2']:6.1%} | {d:8.2f} | {d / total['dare']:6.1%} | {d - t:+12.2f} |"
+        )
+    t_sum, d_sum = sum(med["top2"].values()), sum(med["dare"].values())
+    for label, t, d in (
+        (f"{unit} (sum of the rows)", t_sum, d_sum),
+        (f"{unit} (measured)", total["top2"], total["dare"]),
+    ):
+        print(f"| {label:<52} | {t:8.2f} | {'':6} | {d:8.2f} | {'':6} | {d - t:+12.2f} |")
+    return t_sum, d_sum
 
 
 def derive(seconds: dict, step: float) -> dict:
@@ -695,10 +942,12 @@ class MicroTimings:
 
 
 def breakdown(args, models, sizes) -> None:
-    input_ids = prompt(args, 1, args.prompt_len)
+    input_ids = prompts(args, 1, args.prompts)
     probes = {name: DecodeProbe(model, timing=True) for name, model in models.items()}
     ms = {name: defaultdict(list) for name in models}
     steps = {name: [] for name in models}
+    prefill_ms = {name: defaultdict(list) for name in models}
+    prefills = {name: [] for name in models}
 
     def on_run(name, probe):
         step = probe.decode_seconds / probe.decode_steps
@@ -706,6 +955,9 @@ def breakdown(args, models, sizes) -> None:
         for key, value in derive(per_step, step).items():
             ms[name][key].append(value)
         steps[name].append(step * 1e3)
+        for key, value in derive(probe.prefill_seconds_by, probe.prefill_seconds).items():
+            prefill_ms[name][key].append(value)
+        prefills[name].append(probe.prefill_seconds * 1e3)
 
     collector = Collector()
     micro = MicroTimings(models["dare"])
@@ -725,20 +977,15 @@ def breakdown(args, models, sizes) -> None:
         f"\n## where one decode step's time goes (batch 1, medians of {args.breakdown_repeats} interleaved runs of "
         f"{args.new_tokens - 1} decoding steps, hooks attached; DARE Avg K {avg_k:.3f})"
     )
-    print(f"| {'part':<52} | {'Top-2 ms':>8} | {'share':>6} | {'DARE ms':>8} | {'share':>6} | {'DARE - Top-2':>12} |")
-    print(f"|{'-' * 54}|{'-' * 10}|{'-' * 8}|{'-' * 10}|{'-' * 8}|{'-' * 14}|")
-    for key, label in ROWS:
-        t, d = med["top2"][key], med["dare"][key]
-        print(
-            f"| {label:<52} | {t:8.2f} | {t / step['top2']:6.1%} | {d:8.2f} | {d / step['dare']:6.1%} | {d - t:+12.2f} |"
-        )
-    t_sum, d_sum = sum(med["top2"].values()), sum(med["dare"].values())
+    t_sum, d_sum = parts_table(med, step)
+    prefill_med = {name: {k: statistics.median(v) for k, v in prefill_ms[name].items()} for name in models}
+    prefill = {name: statistics.median(prefills[name]) for name in models}
+    prompt_k = statistics.fmean(collector.prefill_avg_k["dare"])
     print(
-        f"| {'step (sum of the rows)':<52} | {t_sum:8.2f} | {'':6} | {d_sum:8.2f} | {'':6} | {d_sum - t_sum:+12.2f} |"
+        f"\n## where the prompt's forward goes (prefill, {args.prompt_len} tokens, from the `generate` call to the "
+        f"first decoding forward; same runs; DARE Avg K on the prompt {prompt_k:.3f})"
     )
-    print(
-        f"| {'step (measured)':<52} | {step['top2']:8.2f} | {'':6} | {step['dare']:8.2f} | {'':6} | {step['dare'] - step['top2']:+12.2f} |"
-    )
+    parts_table(prefill_med, prefill, unit="prefill")
 
     # Where the gap between the realised and the weights-read ideal goes.
     context = args.prompt_len + args.new_tokens / 2
@@ -885,6 +1132,14 @@ QUICK = dict(
 )
 
 
+def routing_description(args) -> str:
+    if args.routing == "pinned":
+        return f"pinned at Avg K {args.avg_k} (real predictor, its output replaced by a fixed schedule)"
+    return (
+        f"on its real path (predictor and thresholds calibrated on its own decoded tokens, target Avg K {args.avg_k})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=1024)
@@ -897,7 +1152,30 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=1, help="batch of the headline measurement")
-    parser.add_argument("--avg-k", type=float, default=1.2, help="DARE's forced Avg K while decoding (1..2)")
+    parser.add_argument(
+        "--routing",
+        choices=("real", "pinned"),
+        default="real",
+        help="DARE's routing: its predictor and thresholds calibrated on its own decoded tokens (real), or the "
+        "predictor's output replaced by a fixed schedule (pinned)",
+    )
+    parser.add_argument("--avg-k", type=float, default=1.2, help="DARE's target Avg K while decoding (1..2)")
+    parser.add_argument(
+        "--calibration-rounds", type=int, default=6, help="real routing: at most this many decode-calibrate rounds"
+    )
+    parser.add_argument(
+        "--prompts",
+        type=int,
+        default=10,
+        help="different prompts the timed repetitions take in turn; real routing: the calibration data are the "
+        "tokens decoded after them",
+    )
+    parser.add_argument(
+        "--held-out-prompts",
+        type=int,
+        default=2,
+        help="real routing: also report the Avg K of the tokens decoded after this many other prompts",
+    )
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     parser.add_argument("--impl", default=None, help="experts implementation (default: the model's default)")
     parser.add_argument("--repeats", type=int, default=10, help="interleaved repetitions (pairs) of the headline")
@@ -935,9 +1213,12 @@ def main() -> None:
         f"Qwen2 backbone: hidden {args.hidden}, {args.layers} layers ({len(moe_blocks(top2))} MoE, {args.experts} "
         f"experts, intermediate {args.intermediate}), {args.heads} heads, {args.kv_heads} KV heads, vocab {args.vocab}: "
         f"{total / 1e6:.0f}M parameters; experts implementation {top2.config._experts_implementation}; prompt "
-        f"{args.prompt_len}; DARE pinned at Avg K {args.avg_k} (real predictor, fixed schedule)"
+        f"{args.prompt_len}; DARE {routing_description(args)}"
     )
-    schedule_dare(dare, args.avg_k)
+    if args.routing == "pinned":
+        schedule_dare(dare, args.avg_k)
+    else:
+        calibrate_on_decoded(args, dare, torch.cat(prompts(args, args.batch_size, args.prompts)))
     models = {"top2": top2, "dare": dare}
     sizes = {name: weights_model(model) for name, model in models.items()}
     probes = {name: DecodeProbe(model) for name, model in models.items()}

@@ -37,6 +37,7 @@ from .modeling.routers import is_distribution
 from .modeling.routing import ROUTERS, Dial, cumulative_levels
 from .modeling.statistics import avg_k, avg_k_per_layer, avg_k_sums, load_cv, statistics_record
 
+ZERO_SHARE = 1e-9  # cumulative shares this close to 0 or 1 leave no token below / above their threshold
 MODEL_INPUTS_DROPPED = ("labels", "num_items_in_batch", "shift_labels")
 
 
@@ -92,7 +93,9 @@ def thresholds_for_shares(
     With `balance_total`, each target count also carries the rounding errors of the thresholds before it, so
     that their total, hence the Avg K, is as close as possible (what an Avg K target wants). Thresholds that fall
     in the same gap are spread inside it; below every value they step down from the smallest, above every value
-    they step up from the largest."""
+    they step up from the largest. A share of 0 holds for every token, not only for the calibration data: a
+    threshold at level 1 (no token may reach it: the shares above it are 0) is put out of reach of any value,
+    one at level 0 (every token must reach it) below any value (+-float32 max, halved per further threshold)."""
     sorted_values = values.detach().float().flatten().sort().values
     n = sorted_values.numel()
     if n == 0:
@@ -132,6 +135,14 @@ def thresholds_for_shares(
     for j in range(1, len(taus)):  # strictly increasing, whatever rounding did
         if taus[j] <= taus[j - 1]:
             taus[j] = torch.nextafter(taus[j - 1], torch.tensor(math.inf))
+    # Out of reach, finite (a threshold EMA with momentum 0 must not compute 0 * inf), still strictly increasing.
+    unreachable = torch.finfo(torch.float32).max
+    above = [j for j, level in enumerate(cumulative) if level >= 1.0 - ZERO_SHARE]
+    below = [j for j, level in enumerate(cumulative) if level <= ZERO_SHARE]
+    for r, j in enumerate(reversed(above)):
+        taus[j] = unreachable / 2**r
+    for r, j in enumerate(below):
+        taus[j] = -unreachable / 2**r
     return taus
 
 

@@ -88,6 +88,13 @@ def test_thresholds_split_ties_nowhere_and_stay_strictly_increasing():
         assert [(values < tau).float().mean().item() for tau in taus] == pytest.approx(expected)
     constant = thresholds_for_shares(torch.full((10,), 3.0), [0.3, 0.6, 0.9])
     assert (constant[1:] > constant[:-1]).all()
+    # A share of 0 holds beyond the calibration data: no value reaches a threshold at level 1, every value one at
+    # level 0 (Pi = 0.8 / 0.2 / 0 / 0: a token well above the calibration tokens still uses 2 experts, not 4).
+    taus = thresholds_for_shares(values, [0.5, 1.0, 1.0])
+    assert (taus[1:] > taus[:-1]).all() and torch.isfinite(taus).all()
+    assert (1 + (torch.tensor([1e6, -1e6])[:, None] >= taus).sum(-1)).tolist() == [2, 1]
+    taus = thresholds_for_shares(values, [0.0, 0.0, 0.5])
+    assert (taus[1:] > taus[:-1]).all() and (torch.tensor(-1e6) >= taus[:2]).all()
 
 
 @pytest.mark.parametrize("target", [1.0, 1.2, 1.5, 2.0, 3.0])

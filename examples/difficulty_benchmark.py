@@ -126,14 +126,16 @@ BENCHMARK_VARIANTS = (
     Variant(
         "dare_paper_settings",
         "dare",
-        {"target_distribution": PI_1_4, **SMALL_PREDICTOR},
+        {"target_distribution": PI_1_4, "difficulty_detach_input": False, **SMALL_PREDICTOR},
         "DARE (Pi for Avg K 1.4, L_diff reaches the backbone)",
     ),
     Variant("dare_random", "dare", {"target_distribution": PI_1_4, "difficulty_proxy": "random"}, "DARE, random"),
-    Variant("top_p", "top_p", {"top_p_threshold": 0.5}, "Top-p"),
+    # p tuned on seed 0 (p 0.5 -> Avg K 1.19, 0.55 -> 1.23, 0.6 -> 1.48, 0.7 -> 1.94).
+    Variant("top_p", "top_p", {"top_p_threshold": 0.58}, "Top-p (p 0.58)"),
     Variant("remoe", "remoe", {"remoe_target_sparsity": 1 - 1.4 / NUM_EXPERTS}, "ReMoE (target Avg K 1.4)"),
     Variant("dynmoe", "dynmoe", {}, "DynMoE"),
     Variant("moepp", "moepp", {"num_experts_per_tok": 2}, "MoE++ (top-2 of 4 FFN + 4 zero-computation)"),
+    Variant("hyperrouter", "hyperrouter", {"num_experts_per_tok": 2}, "HyperRouter (top-2)"),
     Variant(
         "oracle",
         "oracle",
@@ -153,7 +155,8 @@ BENCHMARK_VARIANTS = (
         local_target="reducible",
     ),
 )
-_PAPER = {"target_distribution": PAPER_PI}
+# The paper's settings as hf-dare 0.1 had them: L_diff reaches the backbone (no longer the default).
+_PAPER = {"target_distribution": PAPER_PI, "difficulty_detach_input": False}
 DARE_SETTINGS_VARIANTS = (
     *PILOT_VARIANTS,
     Variant("dare_defaults", "dare", _PAPER, "DARE defaults (alpha 1, L_diff reaches the backbone)"),
@@ -553,18 +556,18 @@ def calibration_batches(task: LookupTask, size: RunSize) -> list[dict]:
     return [{"input_ids": x, "attention_mask": torch.ones_like(x)} for x in ids.split(64)]
 
 
-DIALLED = {"top_k", "dare", "top_p", "oracle"}
+DIALLED = {"top_k", "hyperrouter", "dare", "top_p", "oracle"}
 
 
 def dial_curve(model, task: LookupTask, size: RunSize, points) -> list[dict]:
     """Copies of the trained model calibrated to each Avg K of `points` and measured; a point the router's dial
-    cannot reach (Top-K: integers only) is left out."""
+    cannot reach (Top-K, HyperRouter: integers only) is left out."""
     if model.config.router not in DIALLED:
         return []
     batches = calibration_batches(task, size)
     curve = []
     for target in points:
-        if model.config.router == "top_k" and float(target) != int(target):
+        if ROUTERS[model.config.router].dial.kind == "integer" and float(target) != int(target):
             continue
         dialled = copy.deepcopy(model)
         with dialled_as_dare(dialled):

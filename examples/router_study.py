@@ -10,9 +10,12 @@ seeds, and a trained DARE model dialled across Avg K with `hf_dare.calibrate`.
    examples/digits_vqa.py's pipeline (`build_starting_point`, `train_stage`);
 3. for every variant and seed: `hf_dare.conversion.upcycle` (router seeded by the seed) and stage 3 (data order
    seeded by the seed). Variants: every router of `ROUTERS` (top_k, dare, ltdr, top_p, remoe, dynmoe, moepp;
-   those the installed hf_dare lacks are skipped with a note), and DARE's ablations: difficulty proxy (random,
-   router entropy; `nll` is `dare` itself), per-batch thresholds (vs the EMA), Pi uniform and inverse (vs
-   long-tailed);
+   those the installed hf_dare lacks are skipped with a note), Top-1, the MoE-LLaVA-exact Top-2 (DeepSpeed's
+   top2gating: Gumbel second expert, capacity, top-1 l_aux, layers summed), Top-p calibrated after training to
+   DARE's Avg K 1.4 (Top-K's compute is an integer: Top-1 and Top-2 bracket DARE's), and DARE's ablations:
+   L_diff reaching the backbone (0.1's default), DARE on layer 2 only (the paper's layer range), difficulty
+   proxy (random, router entropy; `nll` is `dare` itself), per-batch thresholds (vs the EMA), Pi uniform and
+   inverse (vs long-tailed);
 4. evaluation on the test split: accuracy overall and per question type, Avg K (all / text / vision, per layer),
    activated parameters N_A and GFLOPs per token (`hf_dare.evaluation.flops`), batched greedy tokens/s, shares of tokens
    using 0..E experts;
@@ -56,7 +59,8 @@ TASKS = {"shapes": (make_shapes_vqa, shapes_tokenizer), "digits": (make_digits_v
 @dataclass(frozen=True)
 class Variant:
     """One stage-3 configuration: `router` with the MoE config `settings`; `needs` names a config field the
-    installed hf_dare must have (an ablation of a newer option)."""
+    installed hf_dare must have (an ablation of a newer option); `calibrated_avg_k`: the trained model is then
+    dialled to this Avg K (a router whose trained compute is not DARE's, measured at DARE's)."""
 
     name: str
     router: str
@@ -64,18 +68,52 @@ class Variant:
     settings: dict = field(default_factory=dict)
     needs: str | None = None
     label: str = ""
+    calibrated_avg_k: float | None = None  # after training, `hf_dare.calibrate` to this Avg K (training samples)
 
+
+# DeepSpeed's top2gating as the original MoE-LLaVA trains with it (docs/routers.md); the layers' losses summed.
+MOELLAVA_EXACT = {
+    "second_expert_sampling": True,
+    "capacity_factor": 1.5,
+    "eval_capacity_factor": 2.0,
+    "aux_loss_fraction": "top1",
+    "router_aux_loss_reduction": "sum",
+}
+DARE_AVG_K = 1.4  # what DARE's Pi (LONG_TAILED) gives: the compute of the rows "at DARE's compute"
 
 ROUTER_VARIANTS = (
     Variant("top_k", "top_k", "router", label="Top-2 (MoE-LLaVA)"),
+    Variant("top1", "top_k", "router", {"top_k": 1}, label="Top-1"),
+    Variant("top_k_exact", "top_k", "router", MOELLAVA_EXACT, label="Top-2, MoE-LLaVA-exact (top2gating)"),
     Variant("dare", "dare", "router", {"target_distribution": LONG_TAILED}, label="DARE"),
     Variant("ltdr", "ltdr", "router", label="LTDR"),
     Variant("top_p", "top_p", "router", label="Top-p (p 0.9999)"),
+    Variant(
+        "top_p_at_dare",
+        "top_p",
+        "router",
+        label=f"Top-p, trained at p 0.9999, p calibrated to Avg K {DARE_AVG_K}",
+        calibrated_avg_k=DARE_AVG_K,
+    ),
     Variant("remoe", "remoe", "router", label="ReMoE"),
     Variant("dynmoe", "dynmoe", "router", label="DynMoE"),
     Variant("moepp", "moepp", "router", label="MoE++"),
 )
 ABLATIONS = (
+    Variant(
+        "dare_attached",
+        "dare",
+        "ablation",
+        {"target_distribution": LONG_TAILED, "difficulty_detach_input": False},
+        label="DARE, L_diff reaches the backbone (hf-dare 0.1's default)",
+    ),
+    Variant(
+        "dare_layer_2",
+        "dare",
+        "ablation",
+        {"target_distribution": LONG_TAILED, "router_layers": [2]},
+        label="DARE on MoE layer 2 only, layer 0 Top-2 (the paper's layer range)",
+    ),
     Variant(
         "dare_proxy_random",
         "dare",
@@ -186,8 +224,17 @@ def run_variant(
     shutil.rmtree(moe, ignore_errors=True)
     model = AutoModelForImageTextToText.from_pretrained(final).eval()
     processor = AutoProcessor.from_pretrained(final)
+    calibration = None
+    if variant.calibrated_avg_k is not None:
+        calibration = hf_dare.calibrate(model, calibration_batches(processor, data), avg_k=variant.calibrated_avg_k,
+                                        data_description="training samples")  # fmt: skip
+        final = run_dir / "calibrated"
+        model.save_pretrained(final)
+        processor.save_pretrained(final)
     metrics = evaluate(model, processor, data["test"], context, throughput=False)
     metrics["train_seconds"] = train_seconds
+    if calibration is not None:
+        metrics["calibration_avg_k"] = calibration["achieved_avg_k"]
     return {"variant": variant.name, "seed": seed, "model": str(final), "metrics": metrics}
 
 
@@ -240,16 +287,22 @@ def add_throughput(runs: list[dict], test) -> None:
         run["metrics"]["tokens_per_second"] = generation_throughput(model, processor, test, batch_size=16)
 
 
+def calibration_batches(processor, data: dict) -> list[dict]:
+    """The first `CALIBRATION_SAMPLES` training samples, collated in batches of 32, for `hf_dare.calibrate`."""
+    collator = LlavaDataCollator(processor)
+    samples = data["train"].select(range(min(CALIBRATION_SAMPLES, len(data["train"])))).to_list()
+    return [collator(samples[i : i + 32]) for i in range(0, len(samples), 32)]
+
+
 def dial_curve(model_dir: Path, data: dict, points, context: float) -> list[dict]:
     """The trained DARE model at `model_dir` calibrated to each Avg K of `points` on training samples, evaluated."""
     processor = AutoProcessor.from_pretrained(model_dir)
-    collator = LlavaDataCollator(processor)
-    samples = data["train"].select(range(min(CALIBRATION_SAMPLES, len(data["train"])))).to_list()
-    batches = [collator(samples[i : i + 32]) for i in range(0, len(samples), 32)]
+    batches = calibration_batches(processor, data)
+    samples = min(CALIBRATION_SAMPLES, len(data["train"]))
     curve = []
     for target in points:
         model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
-        record = hf_dare.calibrate(model, batches, avg_k=target, data_description=f"{len(samples)} training samples")
+        record = hf_dare.calibrate(model, batches, avg_k=target, data_description=f"{samples} training samples")
         metrics = evaluate(model, processor, data["test"], context, throughput=False)
         curve.append({"target_avg_k": target, "calibration_avg_k": record["achieved_avg_k"], **metrics})
         print(f"  dial Avg K {target:.2f}: test Avg K {metrics['avg_k']:.3f}, accuracy {metrics['accuracy']:.3f}")

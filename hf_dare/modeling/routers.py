@@ -359,7 +359,12 @@ class DareRouter(Router, name="dare"):
         choice_setting("threshold_update", "ema", "EMA of batch quantiles, or each batch's own", ("ema", "per_batch")),
         integer_setting("difficulty_predictor_size", 256, "width of the predictor's hidden layer", 1),
         number_setting("difficulty_predictor_dropout", 0.1, "the predictor's dropout", 0.0, 1.0, high_open=True),
-        flag_setting("difficulty_detach_input", False, "the difficulty loss does not reach the backbone"),
+        flag_setting(
+            "difficulty_detach_input",
+            True,
+            "L_diff trains the predictor only, not the backbone (the paper is silent; attached, DARE fails to learn "
+            "hard tokens from scratch: docs/difficulty_benchmark)",
+        ),
         number_setting("difficulty_loss_coef", 1.0, "alpha, the weight of the difficulty loss L_diff", 0.0),
         choice_setting(
             "difficulty_proxy",

@@ -105,10 +105,9 @@ def test_expert_fractions_reach_target_distribution(tmp_path, seed):
 @pytest.mark.parametrize("seed", init_seeds())
 def test_difficulty_loss_falls_and_predictor_learns(tmp_path, seed):
     """On "the digit is N ." sentences only the token after "is" is hard: L_diff falls and the predictors
-    explain most of the per-token NLL (R^2 > 0.5) and rank "is" positions as the hardest. The predictor's loss
-    is kept from the backbone (`difficulty_detach_input`): this is the predictor's own learning (with L_diff
-    reaching the backbone, the backbone learns less: see the difficulty benchmark in the README)."""
-    model = dare_model(seed, difficulty_detach_input=True)
+    explain most of the per-token NLL (R^2 > 0.5) and rank "is" positions as the hardest, with DARE's defaults
+    (L_diff kept from the backbone, `difficulty_detach_input=True`: the predictor's own learning)."""
+    model = dare_model(seed)
     data = sentence_tensors(8, 8)
     args = training_args(
         tmp_path,

@@ -14,9 +14,13 @@
 
 import argparse
 import json
+import multiprocessing
+import platform
+import re
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -50,8 +54,12 @@ def group_accuracy(evaluation, answers: dict) -> dict[str, float | None]:
     return {group: (sum(values) / len(values) if values else None) for group, values in scores.items()}
 
 
-def run_one(out: Path, data: dict, answers: dict, size: RunSize, method: str, seed: int) -> dict:
-    """The whole pipeline for one method and seed; returns the group accuracies."""
+def run_one(out: Path, paths: dict, size: RunSize, method: str, seed: int, threads: int = 1) -> dict:
+    """The whole pipeline for one method and seed on the data at `paths`; returns the group accuracies. Runs in a
+    worker process with `--jobs`."""
+    torch.set_num_threads(threads)
+    answers = json.loads(Path(paths["answers"]).read_text())
+    data = {split: load_llava_dataset(paths[split], paths["images"]) for split in ("train", "test")}
     overrides = {} if method == "plain" else {"answer_reweighting": method}
     stage1, stage2, stage3 = STAGES
     started = time.perf_counter()
@@ -80,9 +88,32 @@ def summarise(runs: dict[str, list[dict]]) -> dict[str, dict[str, tuple[float, f
     return summary
 
 
-def results_markdown(summary: dict, answers: dict, seeds: list[int], size: RunSize, quick: bool) -> str:
-    def cell(value):
-        return "-" if value is None else f"{value[0]:.3f} ± {value[1]:.3f}"
+def paired_vs_plain(runs: dict[str, list[dict]]) -> dict[str, dict[str, tuple[float, float] | None]]:
+    """{method: {group: (mean, sd) of the method's accuracy minus plain CE's with the same seed}}."""
+    differences = {}
+    for method, accuracies in runs.items():
+        if method == "plain" or "plain" not in runs:
+            continue
+        differences[method] = [
+            {group: None if a[group] is None or p[group] is None else a[group] - p[group] for group in GROUPS}
+            for a, p in zip(accuracies, runs["plain"], strict=True)
+        ]
+    return summarise(differences)
+
+
+def machine(jobs: int) -> str:
+    """The CPU, cores, torch and how many runs shared them."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.exists() else []
+    cpu = names[0] if names else platform.machine()
+    return f"{cpu}, {multiprocessing.cpu_count()} cores, torch {torch.__version__}, {jobs} run(s) at once"
+
+
+def results_markdown(
+    summary: dict, runs: dict, answers: dict, seeds: list[int], size: RunSize, quick: bool, ran: str
+) -> str:
+    def cell(value, sign: str = ""):
+        return "-" if value is None else f"{value[0]:{sign}.3f} ± {value[1]:.3f}"
 
     lines = [
         "# Long-tailed digits VQA: answer reweighting",
@@ -104,6 +135,27 @@ def results_markdown(summary: dict, answers: dict, seeds: list[int], size: RunSi
     lines += [
         f"| {method} | " + " | ".join(cell(row[group]) for group in GROUPS) + " |" for method, row in summary.items()
     ]
+    differences = paired_vs_plain(runs)
+    if differences:
+        lines += ["", "Paired by seed: the method's accuracy minus plain CE's, mean ± sd.", ""]
+        lines += [
+            "| method − plain | " + " | ".join(GROUPS) + " |",
+            "| --- | " + " | ".join("---" for _ in GROUPS) + " |",
+        ]
+        lines += [
+            f"| {method} | " + " | ".join(cell(row[group], "+") for group in GROUPS) + " |"
+            for method, row in differences.items()
+        ]
+    lines += ["", "Per seed (overall / tail):", ""]
+    lines += [
+        f"- {method}: "
+        + ", ".join(
+            f"{a['overall']:.3f} / {a['tail']:.3f}" if a["tail"] is not None else f"{a['overall']:.3f} / -"
+            for a in accuracies
+        )
+        for method, accuracies in runs.items()
+    ]
+    lines += ["", f"Run: {ran}."]
     lines += [
         "",
         "Answers (train / test samples, group):",
@@ -123,28 +175,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--results", type=Path, default=None, help=f"default {DOCS} (with --quick: OUT/results.md)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models run best on one)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs (method, seed) at once, in worker processes")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     size = QUICK if args.quick else FULL
     seeds = [int(seed) for seed in args.seeds.split(",")]
     methods = args.methods.split(",")
-    runs = {method: [] for method in methods}
-    answers = None
-    for seed in seeds:
-        paths = make_long_tailed_digits_vqa(
+    started = time.perf_counter()
+    paths = {
+        seed: make_long_tailed_digits_vqa(
             args.out / f"seed{seed}" / "data", seed=seed, **DATA["quick" if args.quick else "full"]
         )
-        answers = json.loads(paths["answers"].read_text())
-        data = {split: load_llava_dataset(paths[split], paths["images"]) for split in ("train", "test")}
-        for method in methods:
-            runs[method].append(run_one(args.out / f"seed{seed}" / method, data, answers, size, method, seed))
+        for seed in seeds
+    }
+    answers = json.loads(paths[seeds[-1]]["answers"].read_text())
+    tasks = [(args.out / f"seed{seed}" / method, paths[seed], size, method, seed, args.threads)
+             for seed in seeds for method in methods]  # fmt: skip
+    if args.jobs <= 1:
+        accuracies = [run_one(*task) for task in tasks]
+    else:
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            accuracies = list(pool.map(run_one, *zip(*tasks, strict=True)))
+    runs = {
+        method: [a for (*_, m, _, _), a in zip(tasks, accuracies, strict=True) if m == method] for method in methods
+    }
     summary = summarise(runs)
+    minutes = (time.perf_counter() - started) / 60
     (args.out / "results.json").write_text(
-        json.dumps({"runs": runs, "summary": summary, "answers": answers}, indent=2)
+        json.dumps({"runs": runs, "summary": summary, "answers": answers, "minutes": minutes}, indent=2)
     )
     results = args.results or (args.out / "results.md" if args.quick else DOCS)
     results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(results_markdown(summary, answers, seeds, size, args.quick))
+    command = "python examples/long_tailed_vqa.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    results.write_text(
+        results_markdown(
+            summary,
+            runs,
+            answers,
+            seeds,
+            size,
+            args.quick,
+            f"`{command.strip()}`, {minutes:.1f} min, {machine(args.jobs)}",
+        )
+    )
     print("\n" + results.read_text())
     return 0
 

@@ -160,3 +160,4 @@ def test_long_tailed_quick_pipeline_writes_the_results(tmp_path):
         assert all(0.0 <= mean <= 1.0 for mean, _ in summary.values())
     table = (tmp_path / "results.md").read_text()
     assert "| dqroute |" in table and "| ccar |" in table and "a pipeline check" in table
+    assert "| method − plain |" in table  # paired by seed

@@ -32,6 +32,7 @@ import json
 import math
 import multiprocessing
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 import hf_dare
+import hf_dare.conversion
 from hf_dare.evaluation.flops import flops_per_token_at
 from hf_dare.modeling.routers import DareRouter, random_difficulty
 from hf_dare.modeling.routing import ROUTERS
@@ -99,7 +101,9 @@ class Variant:
     target computed here instead of the model's L_diff ("nll_over_log_v", "reducible"), weighted `local_coef`;
     `detach_layers`: the MoE layers whose predictor input is detached (the others' L_diff reaches the backbone),
     overriding `difficulty_detach_input`; `switch_step`: from this step on, every DARE layer's detaching is
-    flipped (attached -> detached or back)."""
+    flipped (attached -> detached or back); `drop_upcycling`: not from scratch but a dense model trained for half
+    the steps, upcycled with `hf_dare.conversion.upcycle(drop_upcycling=r)` and trained for the other half at
+    `UPCYCLED_LR`."""
 
     name: str
     router: str
@@ -109,6 +113,7 @@ class Variant:
     local_coef: float = 1.0
     detach_layers: tuple[int, ...] | None = None
     switch_step: int | None = None
+    drop_upcycling: float | None = None  # not None: upcycled from a dense model, re-initialising this fraction
 
 
 PILOT_VARIANTS = (
@@ -156,6 +161,19 @@ BENCHMARK_VARIANTS = (
     ),
 )
 # The paper's settings as hf-dare 0.1 had them: L_diff reaches the backbone (no longer the default).
+# Upcycled beside from scratch (the same 1,500 steps in all: 750 dense, 750 MoE): Top-2 and DARE, experts exact
+# copies of the dense FFN (r = 0) or with half of each expert's channels redrawn (Drop-Upcycling, r = 0.5).
+UPCYCLED_VARIANTS = tuple(
+    Variant(f"{name}_upcycled{suffix}", router, settings, f"{label}, upcycled (r = {r})", drop_upcycling=r)
+    for name, router, settings, label in (
+        ("top2", "top_k", {"num_experts_per_tok": 2}, "Top-2"),
+        ("dare", "dare", {"target_distribution": PI_1_4, **SMALL_PREDICTOR}, "DARE (Pi for Avg K 1.4)"),
+    )
+    for r, suffix in ((0.0, ""), (0.5, "_drop"))
+)
+UPCYCLED_LR = 1e-3  # the MoE phase after upcycling, as fine-tuning after a dense phase is done (the issue's pilot)
+BENCHMARK_VARIANTS = (*BENCHMARK_VARIANTS, *UPCYCLED_VARIANTS)
+
 _PAPER = {"target_distribution": PAPER_PI, "difficulty_detach_input": False}
 DARE_SETTINGS_VARIANTS = (
     *PILOT_VARIANTS,
@@ -240,30 +258,70 @@ def dialled_as_dare(model):
 # Model, training ---------------------------------------------------------------------------------------------
 
 
-def build_model(variant: Variant, task: LookupTask, size: RunSize, seed: int):
-    """The MoE causal LM of `variant`, initialised from `seed`."""
-    register_oracle_router()
-    decoder = Qwen2Config(
+def decoder_config(task: LookupTask, size: RunSize, intermediate_size: int) -> Qwen2Config:
+    return Qwen2Config(
         vocab_size=task.vocab_size,
         hidden_size=size.hidden_size,
-        intermediate_size=2 * size.hidden_size,  # unused: every layer is MoE
+        intermediate_size=intermediate_size,
         num_hidden_layers=size.layers,
         num_attention_heads=size.heads,
         num_key_value_heads=size.heads,
         max_position_embeddings=size.seq_len,
         tie_word_embeddings=False,
     )
-    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in variant.settings.items()}
+
+
+def build_model(variant: Variant, task: LookupTask, size: RunSize, seed: int):
+    """The MoE causal LM of `variant`, initialised from `seed`."""
+    register_oracle_router()
+    decoder = decoder_config(task, size, 2 * size.hidden_size)  # intermediate unused: every layer is MoE
     config = hf_dare.MoECausalLMConfig(
         text_config=decoder,
         router=variant.router,
         num_experts=NUM_EXPERTS,
         moe_layers=list(range(size.layers)),
         moe_intermediate_size=size.expert_size,
-        **settings,
+        **as_config_values(variant.settings),
     )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
+
+
+def as_config_values(settings: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+
+
+def upcycled_model(variant: Variant, task: LookupTask, size: RunSize, seed: int, folder: Path):
+    """A dense Qwen2 causal LM (FFN width = one expert's) trained from `seed` for half of `size.steps` with the
+    loop of `train`, then `hf_dare.conversion.upcycle`d into `variant` (router seeded by `seed`, Drop-Upcycling
+    ratio `variant.drop_upcycling`); returns the MoE model and the dense phase's seconds."""
+    torch.manual_seed(seed)
+    dense = AutoModelForCausalLM.from_config(decoder_config(task, size, size.expert_size))
+    started = time.perf_counter()
+    run_training_loop(dense, task, replace(size, steps=size.steps // 2), torch.Generator().manual_seed(seed))
+    dense.save_pretrained(folder / "dense")
+    settings = as_config_values(variant.settings)
+    top_k = settings.pop("num_experts_per_tok", 2)
+    moe_dir = hf_dare.conversion.upcycle(
+        folder / "dense", folder / "moe", num_experts=NUM_EXPERTS, router=variant.router, top_k=top_k,
+        moe_layers=list(range(size.layers)), seed=seed, drop_upcycling=variant.drop_upcycling, **settings,
+    )  # fmt: skip
+    return AutoModelForCausalLM.from_pretrained(moe_dir), time.perf_counter() - started
+
+
+def run_training_loop(model, task: LookupTask, size: RunSize, generator: torch.Generator) -> None:
+    """Plain CE training of a dense model (the upcycled variants' first phase)."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=size.lr, weight_decay=size.weight_decay)
+    for step in range(size.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, size)
+        input_ids = task.sample(size.batch_size, generator, task.table)
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
 
 
 def backbone_parameters(model) -> dict[str, torch.nn.Parameter]:
@@ -355,11 +413,19 @@ def gradient_trace(model, terms: dict) -> dict:
 
 
 def train(variant: Variant, task: LookupTask, size: RunSize, seed: int, trace_gradients: bool = False):
-    """Train from scratch; returns the model and its trace (learning curve, gradient traces, seconds)."""
-    model = build_model(variant, task, size, seed)
+    """Train from scratch (or upcycled: `Variant.drop_upcycling`); returns the model and its trace (learning curve,
+    gradient traces, seconds)."""
+    generator = torch.Generator().manual_seed(seed)
+    dense_seconds = 0.0
+    if variant.drop_upcycling is None:
+        model = build_model(variant, task, size, seed)
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            model, dense_seconds = upcycled_model(variant, task, size, seed, Path(folder))
+        size = replace(size, steps=size.steps - size.steps // 2, lr=UPCYCLED_LR, warmup=0)
+        generator.manual_seed(seed + 1)  # the MoE phase's data are not the dense phase's again
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=size.lr, weight_decay=size.weight_decay)
-    generator = torch.Generator().manual_seed(seed)
     table = task.table
     trace_ids = task.sample(size.trace_sequences, torch.Generator().manual_seed(EVAL_DATA_SEED + 1), table)
     has_difficulty_term = variant.local_target is not None or (
@@ -399,7 +465,7 @@ def train(variant: Variant, task: LookupTask, size: RunSize, seed: int, trace_gr
         if point is not None:
             point.update(quick_metrics(model, trace_ids))
             curve.append(point)
-    return model, {"curve": curve, "train_seconds": time.perf_counter() - started}
+    return model, {"curve": curve, "train_seconds": dense_seconds + time.perf_counter() - started}
 
 
 @torch.no_grad()

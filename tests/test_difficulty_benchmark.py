@@ -102,3 +102,17 @@ def test_dare_with_its_defaults_learns_the_hard_class_that_top1_learns():
     assert accuracy["top1"]["hard"] > 0.9, accuracy
     assert accuracy["dare"]["hard"] > 0.9, accuracy
     assert accuracy["dare"]["easy"] == 1.0
+
+
+def test_upcycled_variants_start_from_the_dense_model_they_trained():
+    """An upcycled variant trains a dense model for half the steps, upcycles it (Drop-Upcycling ratio r) and
+    trains the MoE for the other half; the card's stages say so."""
+    bench = load_example("difficulty_benchmark")
+    size = bench.replace(bench.QUICK, steps=6, trace_every=1)
+    task = bench.LookupTask(keys=8, seq_len=size.seq_len)
+    variant = next(v for v in bench.BENCHMARK_VARIANTS if v.name == "dare_upcycled_drop")
+    model, trace = bench.train(variant, task, size, seed=0)
+    assert model.config.router == "dare" and model.config.num_experts == 4
+    upcycled = [stage for stage in model.config.training_stages if "--drop-upcycling 0.5" in stage["description"]]
+    assert upcycled, model.config.training_stages
+    assert trace["curve"][-1]["step"] == 3  # the MoE phase: the other half of the steps

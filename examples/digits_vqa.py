@@ -159,6 +159,7 @@ def train_stage(
     record_training_stage(trainer, stage)
     trainer.save_model(out)
     processor.save_pretrained(out)
+    trainer.state.save_to_json(str(out / "trainer_state.json"))  # the logs: losses and routing metrics per step
     return out
 
 

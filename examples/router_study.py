@@ -18,7 +18,7 @@ seeds, and a trained DARE model dialled across Avg K with `hf_dare.calibrate`.
    inverse (vs long-tailed);
 4. evaluation on the test split: accuracy overall and per question type, Avg K (all / text / vision, per layer),
    activated parameters N_A and GFLOPs per token (`hf_dare.evaluation.flops`), batched greedy tokens/s, shares of tokens
-   using 0..E experts;
+   using 0..E experts; the Avg K the Trainer logged over stage 3 (`avg_k_curve` of each run in results.json);
 5. the compute dial: the first seed's DARE model calibrated (`hf_dare.calibrate`, on training samples) to Avg K
    1.0 .. 2.0 and evaluated at each;
 6. `results.json`, `results.md` (per run, and mean ± std over the seeds that ran), `frontier.png` (accuracy vs
@@ -233,9 +233,11 @@ def run_variant(
         processor.save_pretrained(final)
     metrics = evaluate(model, processor, data["test"], context, throughput=False)
     metrics["train_seconds"] = train_seconds
+    logs = json.loads((run_dir / "stage3" / "trainer_state.json").read_text())["log_history"]
+    avg_k_curve = [[log["step"], log["routing/avg_k"]] for log in logs if "routing/avg_k" in log]
     if calibration is not None:
         metrics["calibration_avg_k"] = calibration["achieved_avg_k"]
-    return {"variant": variant.name, "seed": seed, "model": str(final), "metrics": metrics}
+    return {"variant": variant.name, "seed": seed, "model": str(final), "metrics": metrics, "avg_k_curve": avg_k_curve}
 
 
 def run_all(runnable, seeds, dense, paths, size, out, context, jobs: int, threads: int) -> tuple[list, dict]:

@@ -161,6 +161,13 @@ BENCHMARK_VARIANTS = (
     ),
 )
 # The paper's settings as hf-dare 0.1 had them: L_diff reaches the backbone (no longer the default).
+# Is the oracle's random split of hard tokens between 2 and 3 experts what costs it? Every hard token on 2.
+ORACLE_HARD_2 = Variant(
+    "oracle_hard2",
+    "oracle",
+    {"target_distribution": (0.75, 0.25, 0.0, 0.0), "difficulty_proxy": "random"},
+    "oracle, every hard token on 2 experts (Avg K 1.25)",
+)
 # Upcycled beside from scratch (the same 1,500 steps in all: 750 dense, 750 MoE): Top-2 and DARE, experts exact
 # copies of the dense FFN (r = 0) or with half of each expert's channels redrawn (Drop-Upcycling, r = 0.5).
 UPCYCLED_VARIANTS = tuple(
@@ -172,7 +179,7 @@ UPCYCLED_VARIANTS = tuple(
     for r, suffix in ((0.0, ""), (0.5, "_drop"))
 )
 UPCYCLED_LR = 1e-3  # the MoE phase after upcycling, as fine-tuning after a dense phase is done (the pilot)
-BENCHMARK_VARIANTS = (*BENCHMARK_VARIANTS, *UPCYCLED_VARIANTS)
+BENCHMARK_VARIANTS = (*BENCHMARK_VARIANTS, ORACLE_HARD_2, *UPCYCLED_VARIANTS)
 
 _PAPER = {"target_distribution": PAPER_PI, "difficulty_detach_input": False}
 DARE_SETTINGS_VARIANTS = (
@@ -969,12 +976,13 @@ def plot_frontier(results: dict, path: Path) -> Path:
     runs, keys = results["runs"], results["keys"][0]
     names = list(dict.fromkeys(r["variant"] for r in runs))
     labels = {v["name"]: v["label"] or v["name"] for v in results["variants"]}
-    colors = plt.get_cmap("tab10").colors
+    colors = plt.get_cmap("tab20").colors
+    markers = "osD^v<>ph*"
     fig, ax = plt.subplots(figsize=(10, 5.5))
     for i, name in enumerate(names):
         color = colors[i % len(colors)]
         x, y = of(runs, name, keys, "mflops_per_token"), of(runs, name, keys, "accuracy.hard")
-        ax.errorbar(x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], fmt="o", color=color, capsize=3,
+        ax.errorbar(x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], fmt=markers[i % len(markers)], color=color, capsize=3,
                     markersize=7, label=labels.get(name, name))  # fmt: skip
         dialled = [r for r in runs if r["variant"] == name and r["dial"]]
         targets = sorted({p["target_avg_k"] for r in dialled for p in r["dial"]})
@@ -1117,7 +1125,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.include_runs:
         previous = json.loads(args.include_runs.read_text())
         if previous["size"] == asdict(size):
-            earlier = {(r["variant"], r["keys"], r["seed"]): r for r in previous["runs"] if not dial or r["dial"]}
+            routers = {v["name"]: v["router"] for v in previous["variants"]}
+            earlier = {
+                (r["variant"], r["keys"], r["seed"]): r
+                for r in previous["runs"]
+                if not dial or r["dial"] or routers[r["variant"]] not in DIALLED  # dialled where it can be
+            }
     new_runs = iter(run_all([t for t in tasks if (t[0].name, t[1], t[2]) not in earlier], args.jobs))
     runs = [earlier.get((t[0].name, t[1], t[2])) or next(new_runs) for t in tasks]
     results = {

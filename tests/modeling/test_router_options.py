@@ -3,7 +3,6 @@ DeepSpeed top-2 gating in training (Gumbel-sampled 2nd expert, capacities, top-1
 and `norm_topk_prob`."""
 
 import json
-import math
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from hf_dare.modeling.routers import DareRouter, TopKRouter
 from hf_dare.modeling.routing import load_balancing_loss, within_capacity
 from hf_dare.training import MoETrainer
 from hf_dare.training.metrics import RoutingMetrics
+from tests.modeling.reference_routers import deepspeed_top2gating_reference
 from tests.tiny_models import calibrate_thresholds, moe_config, random_batch, randomise
 from tests.training.helpers import as_dataset, digits_tensors, expert_shares, training_args
 
@@ -180,31 +180,6 @@ def test_mixed_model_routes_each_layer_with_its_router(tmp_path):
 # MoE-LLaVA's DeepSpeed top-2 gating
 
 
-def deepspeed_top2gating(logits: torch.Tensor, capacity_factor: float, min_capacity: int, noise: torch.Tensor):
-    """DeepSpeed's `top2gating` (deepspeed/moe/sharded_moe.py), written from its definition: returns l_aux and
-    the (T, E) combine weights (its (T, E, C) `combine_weights` summed over the capacity slots).
-
-    gates = softmax(logits); capacity = max(ceil(T / E * 2 * capacity_factor), min_capacity); 1st expert =
-    argmax(gates), 2nd = argmax(logits + Gumbel noise) over the other experts; an expert's slots go to the 1st
-    choices in token order, then to the 2nd choices; a choice past the capacity is dropped; l_aux = E^2 *
-    mean_i(mean gate_i * share of tokens whose 1st choice is i) (before dropping); the kept choices' gates
-    renormalised over the kept ones (denominator clamped at eps)."""
-    num_tokens, num_experts = logits.shape
-    gates = F.softmax(logits, dim=1)
-    capacity = max(math.ceil(num_tokens / num_experts * capacity_factor * 2), min_capacity)
-    mask1 = F.one_hot(gates.argmax(1), num_experts)
-    mask2 = F.one_hot((logits + noise).masked_fill(mask1.bool(), float("-inf")).argmax(1), num_experts)
-    locations1 = mask1.cumsum(0) - 1
-    locations2 = mask2.cumsum(0) - 1 + mask1.sum(0, keepdim=True)
-    l_aux = (gates.mean(0) * mask1.float().mean(0)).mean() * num_experts * num_experts
-    mask1 = mask1 * (locations1 < capacity)
-    mask2 = mask2 * (locations2 < capacity)
-    gate1, gate2 = (gates * mask1).sum(1), (gates * mask2).sum(1)
-    denom = (gate1 + gate2).clamp(min=torch.finfo(gates.dtype).eps)
-    combine = (gate1 / denom)[:, None] * mask1 + (gate2 / denom)[:, None] * mask2
-    return l_aux, combine
-
-
 def top2_block(**options) -> MoEBlock:
     config = moe_config(router="top_k", **options)
     block = randomise(MoEBlock(config, layer_idx=0))
@@ -231,7 +206,8 @@ def test_training_top2_matches_deepspeed_top2gating():
     out = block(flat.view(1, 24, HIDDEN)).view(24, HIDDEN)
     torch.manual_seed(7)
     noise = torch.distributions.Gumbel(torch.tensor(0.0), torch.tensor(1.0)).rsample((24, EXPERTS))
-    l_aux, combine = deepspeed_top2gating(routing.router_logits, 0.5, 2, noise)
+    reference = deepspeed_top2gating_reference(routing.router_logits, 0.5, 2, noise)
+    l_aux, combine = reference["l_aux"], reference["combine"]
 
     torch.testing.assert_close(dense_weights(routing.expert_indices, routing.expert_weights), combine)
     torch.testing.assert_close(block.gate.balancing_loss(routing), l_aux)
@@ -273,7 +249,7 @@ def test_top2_inference_is_deterministic_without_drops_unless_eval_capacity():
 
     block = top2_block(second_expert_sampling=True, capacity_factor=2.0, eval_capacity_factor=0.5).eval()
     routing = block.gate(hidden)
-    _, combine = deepspeed_top2gating(routing.router_logits, 0.5, 0, torch.zeros(24, EXPERTS))
+    combine = deepspeed_top2gating_reference(routing.router_logits, 0.5, 0, torch.zeros(24, EXPERTS))["combine"]
     torch.testing.assert_close(dense_weights(routing.expert_indices, routing.expert_weights), combine)
     assert (routing.expert_counts < 2).any()
 

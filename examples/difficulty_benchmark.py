@@ -51,6 +51,7 @@ from hf_dare.modeling.routing import ROUTERS
 
 sys.path.insert(0, str(Path(__file__).parent))
 from difficulty_task import CLASSES, LookupTask, position_classes, token_classes  # noqa: E402
+from study_report import machine, stats  # noqa: E402
 
 NUM_EXPERTS = 4
 
@@ -701,16 +702,6 @@ def progress(run: dict) -> str:
 # Aggregation and reports ---------------------------------------------------------------------------------------
 
 
-def stats(values) -> dict:
-    """Mean and sample standard deviation (n - 1; 0 for one value) of the values that are not None."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return {"mean": None, "std": None, "n": 0}
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return {"mean": mean, "std": std, "n": len(values)}
-
-
 def metric(run: dict, path: str):
     """A metric of a run by dotted path: `accuracy.hard`, `avg_k`, `spearman_difficulty_nll.0`."""
     value = run["metrics"]
@@ -1055,20 +1046,6 @@ def write_report(results: dict, out: Path) -> list[Path]:
     if mode == "benchmark":
         written.append(plot_frontier(results, out / "frontier.png"))
     return written
-
-
-def machine() -> str:
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {multiprocessing.cpu_count()} cores, torch {torch.__version__}"
 
 
 def main(argv: list[str] | None = None) -> int:

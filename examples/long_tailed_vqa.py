@@ -15,8 +15,6 @@
 import argparse
 import json
 import multiprocessing
-import platform
-import re
 import statistics
 import sys
 import time
@@ -34,6 +32,7 @@ from hf_dare.training import load_llava_dataset
 sys.path.insert(0, str(Path(__file__).parent))
 from digits_vqa import STAGES, TARGET_DISTRIBUTION, RunSize, build_starting_point, train_stage  # noqa: E402
 from digits_vqa_data import make_long_tailed_digits_vqa  # noqa: E402
+from study_report import machine  # noqa: E402
 
 METHODS = ("plain", "dqroute", "ccar")
 GROUPS = ("overall", "head", "medium", "tail")
@@ -99,14 +98,6 @@ def paired_vs_plain(runs: dict[str, list[dict]]) -> dict[str, dict[str, tuple[fl
             for a, p in zip(accuracies, runs["plain"], strict=True)
         ]
     return summarise(differences)
-
-
-def machine(jobs: int) -> str:
-    """The CPU, cores, torch and how many runs shared them."""
-    cpuinfo = Path("/proc/cpuinfo")
-    names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.exists() else []
-    cpu = names[0] if names else platform.machine()
-    return f"{cpu}, {multiprocessing.cpu_count()} cores, torch {torch.__version__}, {jobs} run(s) at once"
 
 
 def results_markdown(
@@ -215,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             seeds,
             size,
             args.quick,
-            f"`{command.strip()}`, {minutes:.1f} min, {machine(args.jobs)}",
+            f"`{command.strip()}`, {minutes:.1f} min, {machine()}, {args.jobs} run(s) at once",
         )
     )
     print("\n" + results.read_text())

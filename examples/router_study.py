@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from digits_vqa import STAGES, TARGET_DISTRIBUTION, RunSize, build_starting_point, train_stage  # noqa: E402
 from digits_vqa_data import make_digits_vqa, word_level_tokenizer  # noqa: E402
 from shapes_vqa_data import make_shapes_vqa, shapes_tokenizer  # noqa: E402
+from study_report import stats  # noqa: E402
 
 NUM_EXPERTS = 4
 LONG_TAILED = TARGET_DISTRIBUTION  # 0.7 / 0.2 / 0.08 / 0.02: Avg K 1.42
@@ -311,16 +312,6 @@ def dial_curve(model_dir: Path, data: dict, points, context: float) -> list[dict
     return curve
 
 
-def _stats(values: list[float]) -> dict:
-    """Mean and sample standard deviation (n - 1; 0 for a single seed) of the values that are not None."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return {"mean": None, "std": None, "n": 0}
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return {"mean": mean, "std": std, "n": len(values)}
-
-
 def summarise(runs: list[dict]) -> dict[str, dict]:
     """Per variant, mean ± std over its seeds of every metric (nested ones key by key)."""
     summary: dict[str, dict] = {}
@@ -329,15 +320,15 @@ def summarise(runs: list[dict]) -> dict[str, dict]:
         entry = {"seeds": [run["seed"] for run in runs if run["variant"] == name]}
         for key, value in metrics[0].items():
             if isinstance(value, dict):
-                entry[key] = {k: _stats([m[key].get(k) for m in metrics]) for k in value}
+                entry[key] = {k: stats([m[key].get(k) for m in metrics]) for k in value}
             elif isinstance(value, list):
-                entry[key] = [_stats([m[key][i] for m in metrics]) for i in range(len(value))]
+                entry[key] = [stats([m[key][i] for m in metrics]) for i in range(len(value))]
             else:
-                entry[key] = _stats([m[key] for m in metrics])
+                entry[key] = stats([m[key] for m in metrics])
         summary[name] = entry
     if "top_k" in summary:
         for name, entry in summary.items():
-            entry["accuracy_vs_top_k"] = _stats(paired_differences(runs, name, "top_k", "accuracy"))
+            entry["accuracy_vs_top_k"] = stats(paired_differences(runs, name, "top_k", "accuracy"))
     return summary
 
 

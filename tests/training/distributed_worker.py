@@ -18,7 +18,7 @@ from transformers import Trainer, TrainerCallback
 
 import hf_dare
 from hf_dare.training import DareCallback, RoutingMetricsCallback
-from tests.training.helpers import as_dataset, dare_thresholds, digits_tensors, training_args
+from tests.training.helpers import as_dataset, dare_thresholds, digits_tensors, sgd_step_args
 
 
 class Recorder(TrainerCallback):
@@ -39,15 +39,8 @@ def run_ddp(model_dir: Path, out_dir: Path, rank: int) -> dict:
     model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"][:, 20:28].tolist()),
                                     with_kwargs=True)  # fmt: skip
     recorder = Recorder(out_dir)
-    args = training_args(
-        out_dir / "trainer",
-        max_steps=4,
-        per_device_train_batch_size=2,
-        optim="sgd",
-        learning_rate=0.5,
-        max_grad_norm=0.0,
-        ddp_backend="gloo",
-        ddp_find_unused_parameters=True,
+    args = sgd_step_args(
+        out_dir / "trainer", batch_size=2, steps=4, ddp_backend="gloo", ddp_find_unused_parameters=True
     )
     trainer = Trainer(  # the standard Trainer: the model's loss and the callbacks do the rest
         model=model,

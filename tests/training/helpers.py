@@ -68,12 +68,14 @@ def training_args(output_dir, **overrides) -> MoETrainingArguments:
     return MoETrainingArguments(**kwargs)
 
 
-def sgd_step_args(output_dir, batch_size: int, accumulation: int, **overrides) -> MoETrainingArguments:
-    """One plain SGD step (lr 0.5, no clipping) over `batch_size` x `accumulation` samples: the weights after it
-    compare gradient-accumulation settings."""
+def sgd_step_args(
+    output_dir, batch_size: int, accumulation: int = 1, steps: int = 1, **overrides
+) -> MoETrainingArguments:
+    """Plain SGD steps (lr 0.5, no clipping) over `batch_size` x `accumulation` samples each: the weights after
+    them compare gradient-accumulation settings and world sizes."""
     return training_args(
         output_dir,
-        max_steps=1,
+        max_steps=steps,
         per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=accumulation,
         optim="sgd",

@@ -17,7 +17,7 @@ from transformers import Trainer, TrainerCallback
 
 import hf_dare
 from hf_dare.training import AnswerReweightingCallback, RoutingCallback
-from tests.training.helpers import as_dataset, digits_tensors, training_args
+from tests.training.helpers import as_dataset, digits_tensors, sgd_step_args
 
 
 class Recorder(TrainerCallback):
@@ -39,15 +39,8 @@ def run(method: str, options: dict, model_dir: Path, out_dir: Path) -> tuple[lis
                                     with_kwargs=True)  # fmt: skip
     reweighting = AnswerReweightingCallback(method, **options)
     recorder = Recorder(reweighting)
-    args = training_args(
-        out_dir / f"trainer-{method}",
-        max_steps=3,
-        per_device_train_batch_size=2,
-        optim="sgd",
-        learning_rate=0.5,
-        max_grad_norm=0.0,
-        ddp_backend="gloo",
-        ddp_find_unused_parameters=True,
+    args = sgd_step_args(
+        out_dir / f"trainer-{method}", batch_size=2, steps=3, ddp_backend="gloo", ddp_find_unused_parameters=True
     )
     trainer = Trainer(model=model, args=args, train_dataset=as_dataset(digits_tensors(4)),
                       callbacks=[RoutingCallback(), reweighting, recorder])  # fmt: skip

@@ -213,7 +213,8 @@ def calibration_batches(folder: Path, kind: str) -> list[dict]:
 @torch.no_grad()
 def draw_apart(model, seed: int) -> None:
     """Experts and routers drawn afresh (upcycled experts are copies of the dense FFN and new routers are near
-    uniform: the routing would not show in the tokens). DARE's predictor is left as upcycled."""
+    uniform: the routing would not show in the tokens); ReMoE's gate offset set to 1.0. DARE's predictor is left as
+    upcycled."""
     generator = torch.Generator().manual_seed(seed)
     for block in model.moe_blocks:
         for name in ("gate_up_proj", "down_proj"):
@@ -225,6 +226,8 @@ def draw_apart(model, seed: int) -> None:
                 continue
             if param.ndim == 2:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+        if getattr(gate, "gate_offset", None) is not None:  # ReMoE's offset (a buffer) must reach vLLM too
+            gate.gate_offset.fill_(1.0)
 
 
 def make_checkpoint(dense: Path, out: Path, router: str, kind: str) -> dict:

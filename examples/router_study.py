@@ -12,7 +12,8 @@ seeds, and a trained DARE model dialled across Avg K with `hf_dare.calibrate`.
    seeded by the seed). Variants: every router of `ROUTERS` (top_k, dare, ltdr, top_p, remoe, dynmoe, moepp;
    those the installed hf_dare lacks are skipped with a note), Top-1, the MoE-LLaVA-exact Top-2 (DeepSpeed's
    top2gating: Gumbel second expert, capacity, top-1 l_aux, layers summed), Top-p calibrated after training to
-   DARE's Avg K 1.4 (Top-K's compute is an integer: Top-1 and Top-2 bracket DARE's), and DARE's ablations:
+   DARE's Avg K 1.4 (Top-K's compute is an integer: Top-1 and Top-2 bracket DARE's), ReMoE with the original's
+   controller (no gate offset below lambda's floor: `remoe_original`), and DARE's ablations:
    L_diff reaching the backbone (0.1's default), DARE on layer 2 only (the paper's layer range), difficulty
    proxy (random, router entropy; `nll` is `dare` itself), per-batch thresholds (vs the EMA), Pi uniform and
    inverse (vs long-tailed);
@@ -97,6 +98,14 @@ ROUTER_VARIANTS = (
         calibrated_avg_k=DARE_AVG_K,
     ),
     Variant("remoe", "remoe", "router", label="ReMoE"),
+    Variant(
+        "remoe_original",
+        "remoe",
+        "router",
+        {"remoe_gate_offset_step": 0.0},
+        "remoe_gate_offset_step",
+        "ReMoE, the original controller (no gate offset below lambda's floor)",
+    ),
     Variant("dynmoe", "dynmoe", "router", label="DynMoE"),
     Variant("moepp", "moepp", "router", label="MoE++"),
 )
@@ -423,6 +432,16 @@ def markdown(results: dict) -> str:
         row += [_num(m["avg_k_text"], 2), _num(m["avg_k_vision"], 2), f"{m['activated_parameters']:,.0f}"]
         row += [_num(m["gflops_per_token"] * 1e3, 3), _num(m["tokens_per_second"], 0), _num(m["train_seconds"], 0)]
         lines.append("| " + " | ".join(row) + " |")
+    curves = [run for run in results["runs"] if run.get("avg_k_curve")]
+    if curves:
+        steps = [step for step, _ in curves[0]["avg_k_curve"]]
+        header = ["variant", "seed", *(str(step) for step in steps)]
+        lines += ["", "## Avg K during stage 3 (the Trainer's logs, by step)", ""]
+        lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        for run in curves:
+            values = dict(run["avg_k_curve"])
+            row = [f"`{run['variant']}`", str(run["seed"]), *(_num(values.get(step), 2) for step in steps)]
+            lines.append("| " + " | ".join(row) + " |")
     if results["skipped"]:
         lines += ["", "## Skipped", ""] + [f"- `{name}`: {why}" for name, why in results["skipped"].items()]
     lines += ["", "![accuracy vs Avg K](frontier.png)", "", "![Avg K by layer](avg_k_by_layer.png)", ""]

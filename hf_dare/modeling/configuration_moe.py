@@ -26,9 +26,10 @@ AUX_LOSS_FRACTIONS = ("routed_slots", "top1")
 AUX_LOSS_REDUCTIONS = ("mean", "sum")
 
 
-# The meaning of a saved MoE config's fields: 2 from hf-dare 0.2 (router protocol, settings of the originals' code);
-# files without `moe_config_version` are hf-dare 0.1's, upgraded on loading (`Router.upgrade_config_dict`).
-MOE_CONFIG_VERSION = 2
+# The meaning of a saved MoE config's fields: 2 from hf-dare 0.2 (router protocol, settings of the originals' code),
+# 3 with ReMoE's gate offset; files without `moe_config_version` are hf-dare 0.1's. A file of an earlier version is
+# upgraded on loading (`Router.upgrade_config_dict`): a setting it lacks was added since and takes its legacy value.
+MOE_CONFIG_VERSION = 3
 
 
 class MoEConfigError(ValueError):
@@ -97,9 +98,10 @@ class MoEConfigBase(PreTrainedConfig):
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
-        """transformers' `from_dict`; a config saved before config versions (hf-dare 0.1, no `moe_config_version`)
-        is first upgraded so that it means what it meant then (each router's `upgrade_config_dict`)."""
-        if "moe_config_version" not in config_dict:
+        """transformers' `from_dict`; a config saved by an earlier version (`moe_config_version` below the current
+        one, or none: hf-dare 0.1) is first upgraded so that it means what it meant then (each router's
+        `upgrade_config_dict`)."""
+        if config_dict.get("moe_config_version", 1) < MOE_CONFIG_VERSION:
             config_dict = dict(config_dict)
             for router in ROUTERS.values():
                 router.upgrade_config_dict(config_dict)

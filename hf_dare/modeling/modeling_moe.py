@@ -292,7 +292,8 @@ class MoEModelMixin:
     def update_routing_state(self) -> dict[int, dict]:
         """Every router's per-step state, moved once per optimizer step on every rank (`Router.update_state`: DARE's
         thresholds, ReMoE's L1 coefficient; `hf_dare.training.RoutingCallback` calls it). Returns what moved by
-        layer index: `{"thresholds": [...]}` (DARE), `{"l1_coef": ..., "sparsity": ...}` (ReMoE)."""
+        layer index: `{"thresholds": [...]}` (DARE), `{"l1_coef": ..., "gate_offset": ..., "sparsity": ...}`
+        (ReMoE)."""
         updated = {}
         by_router: dict[str, list[MoEBlock]] = {}
         for block in self.moe_blocks:

@@ -5,6 +5,7 @@ under its config name by its class definition.
 
 import itertools
 import math
+import struct
 from collections.abc import Sequence
 
 import torch
@@ -683,12 +684,21 @@ class TopPRouter(Router, name="top_p"):
         self.threshold = float(value)
 
 
+def as_float32(value: float) -> float:
+    """`value` rounded to the nearest float32 (without a tensor: models are built on the meta device too)."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:  # beyond float32's range: a bound no float32 lambda reaches
+        return value
+
+
 class ReMoERouter(Router, name="remoe"):
     """ReMoE (Wang et al. 2024, "ReMoE: Fully Differentiable Mixture-of-Experts with ReLU Routing"; code
     thu-ml/ReMoE).
 
-    G = ReLU(W h) (float32, the `router_logits` before the ReLU); a token uses every expert with G_i > 0, output
-    sum_i G_i E_i(h) (no renormalisation; a token with no positive gate uses no expert and its MoE output is 0).
+    G = ReLU(W h + b) (float32, the `router_logits` before the ReLU; b the gate offset below, 0 in the original); a
+    token uses every expert with G_i > 0, output sum_i G_i E_i(h) (no renormalisation; a token with no positive gate
+    uses no expert and its MoE output is 0).
     The router loss is the L1 penalty lambda * mean over real tokens of sum_i f_i G_i, with f_i = E / (k T) *
     #{tokens with G_i > 0} (detached, the paper's load-balanced L1; f_i = 1 with `remoe_load_balancing=False`),
     added up over the layers as the original does. ReMoE has no other load-balancing loss (`balancing_loss` is 0).
@@ -703,9 +713,22 @@ class ReMoERouter(Router, name="remoe"):
     small to act), `remoe_l1_coef_max`]: divided on every step for hundreds of steps (after upcycling the model
     can be sparser than the target for long), a float32 lambda reaches the subnormals, where x1.2 rounds back to
     the same value, and could never grow again; from the floor it is back within a few dozen steps.
+
+    The L1 penalty only pushes toward sparsity, and a gate that ReLU holds at 0 gets no gradient: once lambda has
+    overshot (it grows x1.2 on every step the sparsity is a hair below the target) and killed gates, lowering
+    lambda again cannot bring them back (after upcycling: Avg K 2.0 -> 1.1 for good, a third of the tokens on no
+    expert). So below its floor the controller goes on as a gate offset b >= 0 added to every logit before the
+    ReLU (`gate_offset`, a persistent float32 buffer beside lambda): on a step that would divide lambda already at
+    its floor, b += `remoe_gate_offset_step`; on a step that would multiply lambda while b > 0, b -= the step
+    (down to 0) instead. Raising every logit revives dead gates; b is 0 whenever lambda is above its floor, so
+    a run that never reaches the floor (from-scratch training, as in the paper) is the original's.
+    `remoe_gate_offset_step=0` is the original (no offset, no buffer; configs saved before it get 0).
     """
 
-    summary = "ReLU gates G = ReLU(W h), every expert with G_i > 0, load-balanced L1 penalty with an adaptive lambda"
+    summary = (
+        "ReLU gates G = ReLU(W h), every expert with G_i > 0, load-balanced L1 penalty with an adaptive lambda (and a "
+        "gate offset added to W h where lambda is at its floor)"
+    )
     uses = ("num_experts_per_tok",)
     settings = (
         number_setting("remoe_initial_l1_coef", 1e-8, "lambda at init", 0.0, low_open=True),
@@ -739,6 +762,13 @@ class ReMoERouter(Router, name="remoe"):
             optional=True,
         ),  # fmt: skip
         number_setting("remoe_l1_coef_max", 1e3, "the largest lambda (the original has no bound)", 0.0, low_open=True),
+        number_setting(
+            "remoe_gate_offset_step",
+            1e-2,
+            "the step of the gate offset that takes over from lambda at its floor (0: the original, no offset)",
+            0.0,
+            legacy=0.0,
+        ),
     )
     layer_loss_reduction = "sum"  # each layer's L1 enters the backward on its own in the original
 
@@ -751,9 +781,15 @@ class ReMoERouter(Router, name="remoe"):
         self.load_balancing = config.remoe_load_balancing
         self.shared_l1_coef = config.remoe_shared_l1_coef
         floor = config.remoe_initial_l1_coef if config.remoe_l1_coef_min is None else config.remoe_l1_coef_min
-        self.l1_coef_bounds = (floor, config.remoe_l1_coef_max)
+        # As float32 values, the buffer's: lambda clamped to its floor must compare equal to the floor.
+        self.l1_coef_bounds = (as_float32(floor), as_float32(config.remoe_l1_coef_max))
         self.weight = nn.Parameter(torch.zeros(config.num_experts, config.text_config.hidden_size))
         self.register_buffer("l1_coef", torch.tensor(float(self.initial_l1_coef), dtype=torch.float32))
+        self.gate_offset_step = config.remoe_gate_offset_step
+        if self.gate_offset_step > 0:
+            self.register_buffer("gate_offset", torch.zeros((), dtype=torch.float32))
+        else:
+            self.gate_offset = None
         # [active gates, gates] of the real tokens of each training forward since the last update (host-free).
         self._observed: list[torch.Tensor] = []
 
@@ -767,6 +803,8 @@ class ReMoERouter(Router, name="remoe"):
         # Like DARE's thresholds: lambda's x1.2 steps stay exact in float32 whatever dtype the model is cast to.
         super()._apply(fn, recurse)
         self.l1_coef = self.l1_coef.float()
+        if self.gate_offset is not None:
+            self.gate_offset = self.gate_offset.float()
         return self
 
     def forward(
@@ -776,6 +814,8 @@ class ReMoERouter(Router, name="remoe"):
         vision_mask: torch.Tensor | None = None,
     ) -> Routing:
         router_logits = F.linear(hidden_states.float(), self.weight.float())
+        if self.gate_offset is not None:
+            router_logits = router_logits + self.gate_offset
         gates = F.relu(router_logits)
         active = gates > 0
         top_gates, top_indices = torch.topk(gates, self.num_experts, dim=-1)
@@ -802,19 +842,35 @@ class ReMoERouter(Router, name="remoe"):
         self._observed = []
         return observed.to(self.l1_coef.device)
 
-    def stepped(self, l1_coef: float, sparsity: float) -> float:
-        """lambda after one step of the rule from `sparsity`, within the bounds (in float64)."""
-        alpha = self.l1_coef_multiplier
-        moved = l1_coef * alpha if sparsity < self.target_sparsity else l1_coef / alpha
-        return min(max(moved, self.l1_coef_bounds[0]), self.l1_coef_bounds[1])
+    def stepped(self, l1_coef: float, gate_offset: float, sparsity: float) -> tuple[float, float]:
+        """(lambda, gate offset) after one step of the rule from `sparsity`: lambda within its bounds, the offset
+        taking over below lambda's floor (in float64)."""
+        floor, ceiling = self.l1_coef_bounds
+        if sparsity < self.target_sparsity:  # too many active gates
+            if gate_offset > 0:
+                return l1_coef, max(gate_offset - self.gate_offset_step, 0.0)
+            return min(max(l1_coef * self.l1_coef_multiplier, floor), ceiling), gate_offset
+        if l1_coef <= floor:
+            return floor, gate_offset + self.gate_offset_step
+        return max(l1_coef / self.l1_coef_multiplier, floor), gate_offset
+
+    def controller_state(self) -> tuple[float, float]:
+        """(lambda, gate offset) as Python floats."""
+        return self.l1_coef.item(), 0.0 if self.gate_offset is None else self.gate_offset.item()
+
+    def set_controller_state(self, state: tuple[float, float]) -> None:
+        self.l1_coef.fill_(state[0])
+        if self.gate_offset is not None:
+            self.gate_offset.fill_(state[1])
 
     @classmethod
     @torch.no_grad()
     def update_states(cls, routers: list["ReMoERouter"]) -> list[dict | None]:
-        """Move lambda one step toward the target sparsity from the gates observed since the last update (summed
-        over all ranks: every rank must call it), and forget them: with `remoe_shared_l1_coef` one step for all
-        the layers from their mean sparsity, else each layer from its own. Returns per layer its `l1_coef` and
-        `sparsity`, or None when nothing was observed (lambda unchanged)."""
+        """Move lambda (or the gate offset, see the class docstring) one step toward the target sparsity from the
+        gates observed since the last update (summed over all ranks: every rank must call it), and forget them:
+        with `remoe_shared_l1_coef` one step for all the layers from their mean sparsity, else each layer from its
+        own. Returns per layer its `l1_coef`, `gate_offset` and `sparsity`, or None when nothing was observed
+        (nothing moved)."""
         observed = torch.stack([router._take_observed() for router in routers])  # (layers, 2)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(observed)
@@ -826,18 +882,24 @@ class ReMoERouter(Router, name="remoe"):
         shared = routers[0].shared_l1_coef
         if shared:
             mean_sparsity = sum(s for s, ok in zip(sparsity, seen.tolist(), strict=True) if ok) / int(seen.sum())
-            value = routers[0].stepped(routers[0].l1_coef.item(), mean_sparsity)
+            value = routers[0].stepped(*routers[0].controller_state(), mean_sparsity)
         states = []
         for router, layer_sparsity, ok in zip(routers, sparsity, seen.tolist(), strict=True):
             if not shared and not ok:
                 states.append(None)
                 continue
-            router.l1_coef.fill_(value if shared else router.stepped(router.l1_coef.item(), layer_sparsity))
-            states.append({"l1_coef": router.l1_coef.item(), "sparsity": layer_sparsity})
+            router.set_controller_state(
+                value if shared else router.stepped(*router.controller_state(), layer_sparsity)
+            )
+            l1_coef, gate_offset = router.controller_state()
+            states.append({"l1_coef": l1_coef, "gate_offset": gate_offset, "sparsity": layer_sparsity})
         return states
 
     def logged_state(self) -> dict[str, float]:
-        return {f"l1_coef_layer_{self.layer_idx}": self.l1_coef.item()}
+        state = {f"l1_coef_layer_{self.layer_idx}": self.l1_coef.item()}
+        if self.gate_offset is not None:
+            state[f"gate_offset_layer_{self.layer_idx}"] = self.gate_offset.item()
+        return state
 
     def balancing_loss(self, routing, token_mask=None, vision_mask=None) -> torch.Tensor:
         """0: ReMoE balances the load through its L1 penalty (`router_loss`)."""
@@ -858,6 +920,8 @@ class ReMoERouter(Router, name="remoe"):
     def init_weights(self, std: float) -> None:
         init.normal_(self.weight, mean=0.0, std=std)
         init.copy_(self.l1_coef, torch.tensor(float(self.initial_l1_coef)))
+        if self.gate_offset is not None:
+            init.zeros_(self.gate_offset)
 
     def init_upcycled(self, std: float) -> None:
         """The gates of an upcycled router sum to 1 per token in expectation, the nearest a ReLU router without a

@@ -39,8 +39,8 @@ UNSET = object()
 class Setting:
     """A config field a router reads: its name, default, what it does (`doc`, one line) and what values it allows
     (`allowed`, as error messages and docs say it; `valid` checks one value). `legacy_default`: for a setting
-    added after the first release, the value that gives the behaviour of before, which configs saved before
-    config versions (`moe_config_version`) get when they lack it (`Router.upgrade_config_dict`)."""
+    added after the first release, the value that gives the behaviour of before, which a config saved by an earlier
+    version (`moe_config_version`) gets when it lacks it (`Router.upgrade_config_dict`)."""
 
     name: str
     default: Any
@@ -315,8 +315,8 @@ class Router(nn.Module):
 
     @classmethod
     def upgrade_config_dict(cls, config_dict: dict) -> None:
-        """Make a config dict saved before config versions (hf-dare 0.1) mean what it meant then: each setting
-        added since takes its `legacy_default` where the dict lacks it."""
+        """Make a config dict saved by an earlier version (hf-dare 0.1, or an older `moe_config_version`) mean what
+        it meant then: each setting added since takes its `legacy_default` where the dict lacks it."""
         for setting in cls.settings:
             if setting.legacy_default is not UNSET:
                 config_dict.setdefault(setting.name, setting.legacy_default)

@@ -143,7 +143,7 @@ class RoutingCallback(RoutingMetricsCallback):
 
     `per_batch=True` / `False` overrides the trackers' `threshold_update` mode for this run (`None` keeps the
     config's). The last update is kept in `last_state` ({layer_idx: {"thresholds": ...} or {"l1_coef": ...,
-    "sparsity": ...}}) and DARE's part in `last_thresholds` ({layer_idx: thresholds}).
+    "gate_offset": ..., "sparsity": ...}}) and DARE's part in `last_thresholds` ({layer_idx: thresholds}).
     """
 
     def __init__(self, per_batch: bool | None = None):

@@ -158,7 +158,8 @@ def values_by_layer(metrics: dict[str, float], prefix: str) -> dict[int, float]:
 
 def threshold_metrics(model: nn.Module) -> dict[str, float]:
     """The routers' per-step state under `routing/` (`Router.logged_state`): `routing/threshold_layer_{i}_{j}`, tau_j
-    (j = 1..M-1) of every DARE layer, `routing/l1_coef_layer_{i}`, lambda of every ReMoE layer..."""
+    (j = 1..M-1) of every DARE layer, `routing/l1_coef_layer_{i}` and `routing/gate_offset_layer_{i}`, lambda and the
+    gate offset of every ReMoE layer..."""
     return {
         f"routing/{name}": value
         for module in model.modules()

@@ -97,8 +97,8 @@ def test_remoe_layers_l1_add_up_and_one_lambda_follows_their_mean_sparsity():
 
 def test_remoe_tie_divides_as_the_original():
     router = ReMoERouter(moe_config(router="remoe"))  # target 0.5
-    assert router.stepped(1.0, 0.5) == pytest.approx(1 / 1.2)
-    assert router.stepped(1.0, 0.49) == pytest.approx(1.2)
+    assert router.stepped(1.0, 0.0, 0.5) == (pytest.approx(1 / 1.2), 0.0)
+    assert router.stepped(1.0, 0.0, 0.49) == (pytest.approx(1.2), 0.0)
 
 
 # --- DynMoE (LINs-lab/DynMoE) ----------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 MoE-LLaVA (forward, backward, save / load without hf_dare, generation, batching), and their defining properties
 against hand computations."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -246,9 +248,65 @@ def test_remoe_lambda_moves_toward_the_target_sparsity_from_training_forwards_on
     assert all(not torch.equal(b.gate.l1_coef, before) for b, before in zip(model.moe_blocks, lambdas, strict=True))
 
 
+def test_remoe_gate_offset_takes_over_below_lambdas_floor_and_gives_way_above_it():
+    """One controller, lambda above its floor and the gate offset b below it: too sparse at the floor raises b, too
+    dense lowers b first (to 0) and only then multiplies lambda; above the floor the original rule, b untouched."""
+    router = ReMoERouter(moe_config(router="remoe", remoe_initial_l1_coef=1e-3))  # target 0.5, step 0.01
+    floor = router.l1_coef.item()  # 1e-3 as float32: lambda clamped to its floor compares equal to it
+    assert router.stepped(floor, 0.0, 0.6) == (floor, 0.01)
+    assert router.stepped(floor * 1.2, 0.0, 0.6) == (floor, 0.0)  # reaches the floor; b moves on the next step
+    assert router.stepped(floor, 0.03, 0.6) == (floor, pytest.approx(0.04))
+    assert router.stepped(floor, 0.03, 0.4) == (floor, pytest.approx(0.02))
+    assert router.stepped(floor, 0.005, 0.4) == (floor, 0.0)
+    assert router.stepped(floor, 0.0, 0.4) == (pytest.approx(1.2e-3), 0.0)
+    assert router.stepped(1.0, 0.0, 0.6) == (pytest.approx(1 / 1.2), 0.0)
+    original = ReMoERouter(moe_config(router="remoe", remoe_initial_l1_coef=1e-3, remoe_gate_offset_step=0.0))
+    assert original.stepped(floor, 0.0, 0.6) == (floor, 0.0)
+    assert "gate_offset" not in original.state_dict() and "gate_offset" in router.state_dict()
+
+
+def test_remoe_checkpoint_saved_before_the_gate_offset_loads_as_the_original(tmp_path):
+    """A config of moe_config_version 2 has no `remoe_gate_offset_step`: it loads with 0 (the original controller,
+    no buffer), without missing weights; a current one keeps its offset."""
+    model = build("remoe", remoe_gate_offset_step=0.0)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["remoe_gate_offset_step"]
+    (tmp_path / "config.json").write_text(json.dumps({**config, "moe_config_version": 2}))
+    loaded, info = MoEForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert loaded.config.remoe_gate_offset_step == 0.0 and loaded.moe_blocks[0].gate.gate_offset is None
+    assert loaded.config.moe_config_version == 3
+    current = build("remoe")
+    with torch.no_grad():
+        current.moe_blocks[0].gate.gate_offset.fill_(0.25)
+    current.save_pretrained(tmp_path / "current")
+    reloaded = MoEForCausalLM.from_pretrained(tmp_path / "current")
+    assert reloaded.config.remoe_gate_offset_step == 0.01
+    assert reloaded.moe_blocks[0].gate.gate_offset.item() == 0.25
+
+
+def test_remoe_gate_offset_is_added_to_every_logit_before_the_relu():
+    model = build("remoe")
+    block = model.moe_blocks[0]
+    with torch.no_grad():
+        block.gate.gate_offset.fill_(0.05)
+    hidden_states = torch.randn(1, 12, HIDDEN, generator=torch.Generator().manual_seed(0))
+    context = RoutingContext(with_aux_loss=True)
+    with routing_context(context), torch.no_grad():
+        block(hidden_states)
+    routing = context.routings[0]
+    logits = hidden_states[0] @ block.gate.weight.T + 0.05
+    torch.testing.assert_close(routing.router_logits, logits)
+    assert torch.equal(routing.expert_counts, (logits > 0).sum(-1))
+    assert (routing.expert_counts > (logits - 0.05 > 0).sum(-1)).any()  # the offset turned gates on
+    state = model.update_routing_state()  # nothing observed: unchanged
+    assert state == {} and block.gate.logged_state()["gate_offset_layer_0"] == pytest.approx(0.05)
+
+
 def test_remoe_lambda_stays_float32_and_a_token_without_experts_counts_zero_in_flops():
     model = build("remoe").to(torch.bfloat16)
-    assert all(b.gate.l1_coef.dtype == torch.float32 for b in model.moe_blocks)
+    assert all(b.gate.l1_coef.dtype == b.gate.gate_offset.dtype == torch.float32 for b in model.moe_blocks)
     model = build("remoe").eval()
     with torch.no_grad():
         model.moe_blocks[0].gate.weight.zero_()  # G = ReLU(0) = 0: no expert in the first layer

@@ -145,12 +145,12 @@ def test_remoe_lambda_identical_on_two_ranks_from_both_ranks_gates(tmp_path):
         assert all(value == expected.item() for value in after.values()), step
 
 
-def train(router: str, steps: int, tmp_path, **overrides) -> tuple[MoETrainer, dict]:
-    """`steps` AdamW steps on 16 digit sequences (batch 8); returns the trainer and the training logs' Avg K and
-    sparsity (1 - Avg K / E) by step."""
+def train(router: str, steps: int, tmp_path, callbacks=None, **overrides) -> tuple[MoETrainer, dict]:
+    """`steps` AdamW steps on 16 digit sequences (batch 8); returns the trainer and the training logs' Avg K by
+    step."""
     model = model_for(router, **overrides)
     args = training_args(tmp_path, max_steps=steps, per_device_train_batch_size=8, learning_rate=3e-3, logging_steps=5)
-    trainer = MoETrainer(model=model, args=args, train_dataset=as_dataset(digits_tensors(16)))
+    trainer = MoETrainer(model=model, args=args, train_dataset=as_dataset(digits_tensors(16)), callbacks=callbacks)
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "routing/avg_k" in entry]
     return trainer, {entry["step"]: entry["routing/avg_k"] for entry in logs}
@@ -194,8 +194,7 @@ def test_remoe_lambda_grows_back_from_1e_45_and_reaches_the_target_sparsity(tmp_
     """Lambda forced to 1e-45 (float32's subnormals, where x1.2 rounded back to the same value and lambda could
     never grow again) is back at its floor (the initial lambda) after one step and grows; from a dense start
     (Avg K >= 1.4 at step 10) the sparsity reaches the target 0.75 (k=1 of 4: Avg K 1) within 40 steps (from each of
-    init seeds 0-7, by step 20-30). What it cannot do is push back toward density: an L1 penalty only sparsifies,
-    so a model that overshoots stays sparser (README, ReMoE)."""
+    init seeds 0-7, by step 20-30). Pushing back toward density is the gate offset's part (next test)."""
     model = model_for("remoe", seed=seed, num_experts_per_tok=1, remoe_initial_l1_coef=1e-4)
     counts = GateCounts(model)
     callback = LambdaRecorder(model, counts)
@@ -209,6 +208,26 @@ def test_remoe_lambda_grows_back_from_1e_45_and_reaches_the_target_sparsity(tmp_
     avg_k = {e["step"]: e["routing/avg_k"] for e in trainer.state.log_history if "routing/avg_k" in e}
     assert avg_k[5] >= 1.4 or avg_k[10] >= 1.4  # a dense start
     assert min(avg_k.values()) <= 1.1  # the target sparsity reached
+
+
+@pytest.mark.parametrize("seed", init_seeds())
+def test_remoe_gate_offset_revives_the_gates_an_overshooting_lambda_killed(tmp_path, seed):
+    """Lambda forced to 0.1 (an overshoot) kills every gate: Avg K 0 (target 2 of 4). An L1 penalty cannot revive
+    a gate ReLU holds at 0, so with the original controller (`remoe_gate_offset_step=0`) the model stays far
+    sparser than the target after lambda is back at its floor (step 26); the gate offset that takes over there
+    brings Avg K back to the target (from each of init seeds 0-7: original <= 0.6 at steps 80-100, offset 1.8-2.2
+    by step 80)."""
+    avg_k, gates = {}, {}
+    for step in (0.0, 0.01):
+        trainer, avg_k[step] = train("remoe", 100, tmp_path / str(step), seed=seed, remoe_initial_l1_coef=1e-3,
+                                     remoe_gate_offset_step=step, callbacks=[ForcedLambda(0.1)])  # fmt: skip
+        gates[step] = trainer.model.moe_blocks[0].gate
+    for curve in avg_k.values():
+        assert max(curve[s] for s in (10, 15, 20)) < 0.1  # collapsed
+    assert all(avg_k[0.0][s] < 0.8 for s in range(80, 101, 5))
+    assert all(1.7 < avg_k[0.01][s] < 2.3 for s in range(80, 101, 5))
+    assert gates[0.0].gate_offset is None and gates[0.01].gate_offset.item() > 0.1
+    assert gates[0.01].l1_coef.item() == gates[0.0].l1_coef.item() == pytest.approx(1e-3)  # lambda at its floor
 
 
 @pytest.mark.parametrize("seed", init_seeds())

@@ -3,8 +3,8 @@ standard Trainer + DareCallback under DDP, each rank on its own half of the data
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 remoe_worker.py MODEL_DIR OUT_DIR
 
-Each rank writes OUT_DIR/rank{r}.json: lambda of every ReMoE layer before training and after every step, and
-the [active gates, gates] its own training forwards saw in each step (per layer).
+Each rank writes OUT_DIR/rank{r}.json: [lambda, gate offset] of every ReMoE layer before training and after every
+step, and the [active gates, gates] its own training forwards saw in each step (per layer).
 """
 
 import json
@@ -20,12 +20,12 @@ from hf_dare.training import DareCallback
 from tests.training.helpers import as_dataset, digits_tensors, training_args
 
 
-def lambdas(model) -> dict[str, float]:
-    return {str(block.layer_idx): block.gate.l1_coef.item() for block in model.moe_blocks}
+def lambdas(model) -> dict[str, list[float]]:
+    return {str(block.layer_idx): list(block.gate.controller_state()) for block in model.moe_blocks}
 
 
 class Recorder(TrainerCallback):
-    """Lambda after each step (this callback runs after DareCallback) and this rank's gate counts per step."""
+    """[lambda, gate offset] after each step (this callback runs after DareCallback) and this rank's gate counts per step."""
 
     def __init__(self, model):
         self.lambdas = [lambdas(model)]

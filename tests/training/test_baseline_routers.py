@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import hf_dare
+from hf_dare.modeling import ReMoERouter
 from hf_dare.training import DareCallback, MoETrainer
 from tests.tiny_models import moe_config
 from tests.training.helpers import as_dataset, digits_tensors, init_seeds, training_args
@@ -116,9 +117,14 @@ def test_remoe_lambda_is_saved_and_restored_on_resume(tmp_path):
 
 
 @pytest.mark.slow
-def test_remoe_lambda_identical_on_two_ranks_from_both_ranks_gates(tmp_path):
+@pytest.mark.parametrize("target, moves", [(0.75, "lambda"), (0.2, "gate offset")])
+def test_remoe_lambda_identical_on_two_ranks_from_both_ranks_gates(tmp_path, target, moves):
+    """Target 0.75 (k=1 of 4): the model starts denser and lambda grows; target 0.2: it starts sparser with lambda at
+    its floor, and the gate offset grows. Either way one step of the rule from both ranks' gates, bit-identical."""
     torch.manual_seed(0)
-    config = moe_config(router="remoe", num_experts_per_tok=1, remoe_initial_l1_coef=1e-3)
+    config = moe_config(
+        router="remoe", num_experts_per_tok=1, remoe_initial_l1_coef=1e-3, remoe_target_sparsity=target
+    )
     hf_dare.MoEForCausalLM(config).save_pretrained(tmp_path / "model")
     out = tmp_path / "out"
     out.mkdir()
@@ -134,15 +140,26 @@ def test_remoe_lambda_identical_on_two_ranks_from_both_ranks_gates(tmp_path):
     assert ranks[0]["counts"] != ranks[1]["counts"]  # each rank saw its own gates
     history = ranks[0]["lambdas"]
     assert len(history) == 5
+    router = ReMoERouter(config)
     for step, (before, after) in enumerate(zip(history, history[1:], strict=False)):
         sparsities = []
         for layer in before:
             active = sum(r["counts"][step][layer][0] for r in ranks)
             gates = sum(r["counts"][step][layer][1] for r in ranks)
             sparsities.append(1 - active / gates)
-        first = next(iter(before.values()))
-        expected = expected_lambda(torch.tensor(first, dtype=torch.float32), sparsities, 0.75)
-        assert all(value == expected.item() for value in after.values()), step
+        l1_coef, offset = next(iter(before.values()))
+        if moves == "lambda":
+            expected = expected_lambda(torch.tensor(l1_coef, dtype=torch.float32), sparsities, target).item()
+            assert all(value == [expected, 0.0] for value in after.values()), step
+        else:  # at the floor and sparser than the target: lambda stays, the offset takes a step
+            assert sum(sparsities) / len(sparsities) > target
+            expected = torch.tensor(offset + 0.01, dtype=torch.float32).item()
+            assert all(value == [l1_coef, expected] for value in after.values()), step
+        expected_state = router.stepped(l1_coef, offset, sum(sparsities) / len(sparsities))
+        expected_state = [torch.tensor(v, dtype=torch.float32).item() for v in expected_state]
+        assert all(value == expected_state for value in after.values()), step
+    if moves == "gate offset":
+        assert next(iter(history[-1].values()))[1] == pytest.approx(0.04)
 
 
 def train(router: str, steps: int, tmp_path, callbacks=None, **overrides) -> tuple[MoETrainer, dict]:

@@ -720,9 +720,10 @@ class ReMoERouter(Router, name="remoe"):
     expert). So below its floor the controller goes on as a gate offset b >= 0 added to every logit before the
     ReLU (`gate_offset`, a persistent float32 buffer beside lambda): on a step that would divide lambda already at
     its floor, b += `remoe_gate_offset_step`; on a step that would multiply lambda while b > 0, b -= the step
-    (down to 0) instead. Raising every logit revives dead gates; b is 0 whenever lambda is above its floor, so
-    a run that never reaches the floor (from-scratch training, as in the paper) is the original's.
-    `remoe_gate_offset_step=0` is the original (no offset, no buffer; configs saved before it get 0).
+    (down to 0) instead. Raising every logit revives dead gates. b is 0 whenever lambda is above its floor and
+    moves only while the model is sparser than its target with lambda at its floor, where the original can do
+    nothing; elsewhere the rule is the original's. `remoe_gate_offset_step=0` is the original (no offset, no
+    buffer; configs saved before it get 0).
     """
 
     summary = (

@@ -19,8 +19,10 @@ Modes:
 - `--dare-settings`: DARE from scratch under the settings that decide whether L_diff harms the backbone
   (`difficulty_detach_input`, `difficulty_loss_coef`), local loss-form experiments (targets NLL / log V, a
   "reducible difficulty" target), with gradient traces (CE vs L_diff at the backbone) and learning curves.
-- default: the benchmark: every router at matched compute (Avg K ~1.4 where it has a knob), the oracle router
-  (experts by the true token class: the upper bound), all paired by seed, plus the dial curves.
+- default: the benchmark: every router at matched compute (Avg K ~1.4 where it has a knob), the oracle routers
+  (experts by the true token class, or by position: the key's), Top-1 and DARE with unrenormalised weights p (the
+  router then learns from the task loss on one-expert tokens), upcycled Top-2 and DARE, all paired by seed, plus
+  the dial curves.
 
 Variants marked LOCAL use a loss computed here rather than the model's L_diff (the model's coefficient is set to
 0 and the loop adds the term): loss-form candidates, not hf_dare options.
@@ -50,7 +52,7 @@ from hf_dare.modeling.routers import DareRouter, random_difficulty
 from hf_dare.modeling.routing import ROUTERS
 
 sys.path.insert(0, str(Path(__file__).parent))
-from difficulty_task import CLASSES, LookupTask, position_classes, token_classes  # noqa: E402
+from difficulty_task import CLASSES, POSITION_CLASSES, LookupTask, position_classes  # noqa: E402
 from study_report import machine, stats  # noqa: E402
 
 NUM_EXPERTS = 4
@@ -169,6 +171,30 @@ ORACLE_HARD_2 = Variant(
     {"target_distribution": (0.75, 0.25, 0.0, 0.0), "difficulty_proxy": "random"},
     "oracle, every hard token on 2 experts (Avg K 1.25)",
 )
+# Do the extra experts help where the key is read rather than where the lookup is made? Every position holding a
+# key `a` (predicting the noise b: "irreducible") on 2 experts, the other positions on 1 (Avg K 1.25).
+ORACLE_KEY_2 = Variant(
+    "oracle_key2",
+    "oracle_key",
+    {"target_distribution": (0.75, 0.25, 0.0, 0.0), "difficulty_proxy": "random"},
+    "oracle, every key position (a) on 2 experts (Avg K 1.25)",
+)
+# Top-1 whose one weight is its router probability p (not p / p = 1): the router then learns from the task loss
+# on every token, as Top-2's and the dynamic routers' do; with the renormalised weight only the balancing loss
+# trains it.
+TOP1_UNNORMALISED = Variant(
+    "top1_unnormalised",
+    "top_k",
+    {"num_experts_per_tok": 1, "norm_topk_prob": False},
+    "Top-1, weight p (not renormalised)",
+)
+# DARE the same way: a token's chosen experts weighted by their probabilities, not renormalised to sum 1.
+DARE_UNNORMALISED = Variant(
+    "dare_unnormalised",
+    "dare",
+    {"target_distribution": PI_1_4, "difficulty_detach_input": True, "norm_topk_prob": False, **SMALL_PREDICTOR},
+    "DARE, weights p (not renormalised)",
+)
 # Upcycled beside from scratch (the same 1,500 steps in all: 750 dense, 750 MoE): Top-2 and DARE, experts exact
 # copies of the dense FFN (r = 0) or with half of each expert's channels redrawn (Drop-Upcycling, r = 0.5).
 UPCYCLED_VARIANTS = tuple(
@@ -180,7 +206,14 @@ UPCYCLED_VARIANTS = tuple(
     for r, suffix in ((0.0, ""), (0.5, "_drop"))
 )
 UPCYCLED_LR = 1e-3  # the MoE phase after upcycling, as fine-tuning after a dense phase is done (the issue's pilot)
-BENCHMARK_VARIANTS = (*BENCHMARK_VARIANTS, ORACLE_HARD_2, *UPCYCLED_VARIANTS)
+BENCHMARK_VARIANTS = (
+    *BENCHMARK_VARIANTS,
+    ORACLE_HARD_2,
+    *UPCYCLED_VARIANTS,
+    ORACLE_KEY_2,
+    TOP1_UNNORMALISED,
+    DARE_UNNORMALISED,
+)
 
 _PAPER = {"target_distribution": PAPER_PI, "difficulty_detach_input": False}
 DARE_SETTINGS_VARIANTS = (
@@ -238,16 +271,28 @@ class OracleRouter(DareRouter, name="oracle"):
     `random` signal in (0, 1) to split a class between expert counts. Build it with `difficulty_proxy="random"`
     (no predictor, no L_diff)."""
 
+    # Score of each position of a quadruple [a, b, table[a, b], SEP] (index mod 4).
+    position_scores = tuple(ORACLE_SCORES[c] for c in POSITION_CLASSES)
+
     def difficulty(self, hidden_states: torch.Tensor, router_probs: torch.Tensor) -> torch.Tensor:
-        scores = torch.tensor([ORACLE_SCORES[c] for c in CLASSES], device=hidden_states.device)
-        uniforms = random_difficulty(hidden_states.shape[0], hidden_states.device, self.training, self.random_seed, self.layer_idx)  # fmt: skip
-        return scores[token_classes(hidden_states.shape[0], hidden_states.device)] + uniforms
+        num_tokens, device = hidden_states.shape[0], hidden_states.device
+        scores = torch.tensor(self.position_scores, device=device)
+        uniforms = random_difficulty(num_tokens, device, self.training, self.random_seed, self.layer_idx)
+        return scores[torch.arange(num_tokens, device=device) % 4] + uniforms
+
+
+class KeyOracleRouter(OracleRouter, name="oracle_key"):
+    """The oracle with the key's position (a, which predicts the noise b) first, then the lookup's (b), then the
+    rest."""
+
+    position_scores = (2.0, 1.0, 0.0, 0.0)
 
 
 def register_oracle_router() -> None:
     """Make `router="oracle"` buildable. Defining `OracleRouter` registers it (the router protocol's `name=`);
     this registers it again where a caller (a test) removed it since (idempotent)."""
     ROUTERS.setdefault("oracle", OracleRouter)
+    ROUTERS.setdefault("oracle_key", KeyOracleRouter)
 
 
 @contextmanager

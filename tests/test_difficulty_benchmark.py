@@ -15,6 +15,7 @@ def _unregister_oracle():
     """The benchmark's oracle router is registered for its tests only: other tests iterate over ROUTERS."""
     yield
     ROUTERS.pop("oracle", None)
+    ROUTERS.pop("oracle_key", None)
 
 
 def test_task_sequences_are_quadruples_that_follow_the_table():
@@ -45,6 +46,22 @@ def test_oracle_router_gives_the_extra_experts_to_hard_tokens_only():
     by_class = metrics["avg_k_by_class"]
     assert by_class["easy"] == by_class["irreducible"] == 1.0 and by_class["hard"] > 2.0
     assert metrics["extra_expert_share"]["hard"] == 1.0
+
+
+def test_key_oracle_gives_the_extra_experts_to_the_key_positions_only():
+    """Scores 2 + u at the key a (which predicts the noise b: an irreducible position), 1 + u at b, u elsewhere:
+    with tau_1 = 2 every key position, and only those, uses 2 experts."""
+    bench = load_example("difficulty_benchmark")
+    bench.register_oracle_router()
+    task = bench.LookupTask(keys=8, seq_len=16)
+    model = bench.build_model(bench.ORACLE_KEY_2, task, bench.QUICK, seed=0)
+    for block in model.moe_blocks:
+        block.gate.threshold_tracker.thresholds.copy_(torch.tensor([2.0, 3.5, 4.0]))
+    metrics = bench.evaluate(model, task, bench.QUICK)
+    by_class = metrics["avg_k_by_class"]
+    assert by_class["easy"] == by_class["hard"] == 1.0
+    assert by_class["irreducible"] == pytest.approx(1 + 4 / 7)  # 4 keys of the 7 labelled irreducible positions
+    assert metrics["extra_expert_share"]["irreducible"] == 1.0
 
 
 @pytest.mark.slow

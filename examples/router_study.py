@@ -14,7 +14,8 @@ seeds, and a trained DARE model dialled across Avg K with `hf_dare.calibrate`.
    top2gating: Gumbel second expert, capacity, top-1 l_aux, layers summed), Top-p calibrated after training to
    DARE's Avg K 1.4 (Top-K's compute is an integer: Top-1 and Top-2 bracket DARE's), ReMoE with the original's
    controller (no gate offset below lambda's floor: `remoe_original`), and DARE's ablations:
-   L_diff reaching the backbone (0.1's default), DARE on layer 2 only (the paper's layer range), difficulty
+   L_diff reaching the backbone (0.1's default), weights p instead of renormalised ones, DARE on layer 2 only
+   (the paper's layer range), difficulty
    proxy (random, router entropy; `nll` is `dare` itself), per-batch thresholds (vs the EMA), Pi uniform and
    inverse (vs long-tailed);
 4. evaluation on the test split: accuracy overall and per question type, Avg K (all / text / vision, per layer),
@@ -116,6 +117,13 @@ ABLATIONS = (
         "ablation",
         {"target_distribution": LONG_TAILED, "difficulty_detach_input": False},
         label="DARE, L_diff reaches the backbone (hf-dare 0.1's default)",
+    ),
+    Variant(
+        "dare_unnormalised",
+        "dare",
+        "ablation",
+        {"target_distribution": LONG_TAILED, "norm_topk_prob": False},
+        label="DARE, weights p (not renormalised: one-expert tokens train the router)",
     ),
     Variant(
         "dare_layer_2",

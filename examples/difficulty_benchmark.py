@@ -131,6 +131,7 @@ BENCHMARK_VARIANTS = (
         {"target_distribution": PI_1_4, "difficulty_detach_input": True, **SMALL_PREDICTOR},
         "DARE (Pi for Avg K 1.4, detached predictor input)",
     ),
+    # The paper's settings as hf-dare 0.1 had them: L_diff reaches the backbone (no longer the default).
     Variant(
         "dare_paper_settings",
         "dare",
@@ -163,7 +164,6 @@ BENCHMARK_VARIANTS = (
         local_target="reducible",
     ),
 )
-# The paper's settings as hf-dare 0.1 had them: L_diff reaches the backbone (no longer the default).
 # Is the oracle's random split of hard tokens between 2 and 3 experts what costs it? Every hard token on 2.
 ORACLE_HARD_2 = Variant(
     "oracle_hard2",
